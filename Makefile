@@ -1,0 +1,33 @@
+# stockade: `make demo` shows the kernel fast path; `make test` runs every test.
+# Both bootstrap the host first (apt packages, kernel headers, venv); run as root.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap demo test lint typecheck check bench clean
+
+bootstrap:
+	./scripts/bootstrap
+
+demo: bootstrap
+	$(PY) -m stockade.lab.demo
+
+test: bootstrap
+	$(VENV)/bin/ruff check .
+	./scripts/typecheck
+	@# pytest exits 5 when it collected nothing: that is a failure too.
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo 'make test: pytest collected no tests' >&2; exit 1; fi; exit $$rc
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
+
+typecheck: bootstrap
+	./scripts/typecheck
+
+bench: bootstrap
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Controller: the only privileged process; owns the XDP program, maps and ban store."""

@@ -1,0 +1,172 @@
+"""Attach, replace and detach XDP programs through netlink (pyroute2).
+
+Replacing uses XDP_FLAGS_REPLACE with the fd of the program we expect to
+find, so an upgrade is a compare-and-swap: the interface always has either
+the old or the new program, never none, and a program someone else put
+there in the meantime is not clobbered.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from stockade.controller import libbpf
+
+log = logging.getLogger(__name__)
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4
+
+# IFLA_XDP_ATTACHED values
+XDP_ATTACHED_NONE = 0
+XDP_ATTACHED_DRV = 1
+XDP_ATTACHED_SKB = 2
+XDP_ATTACHED_HW = 3
+XDP_ATTACHED_MULTI = 4
+
+
+class Mode(enum.StrEnum):
+    AUTO = "auto"  # native, generic as a fallback with a warning
+    NATIVE = "native"
+    GENERIC = "generic"
+
+
+class AttachError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class XdpState:
+    ifname: str
+    ifindex: int
+    prog_id: int  # 0 when nothing is attached
+    mode: str  # "native", "generic", "offload", "multi" or "none"
+
+
+# IFLA_XDP_ATTACHED as numbers, and as pyroute2 decodes them
+_ATTACHED_NAMES: dict[object, str] = {
+    XDP_ATTACHED_NONE: "none",
+    XDP_ATTACHED_DRV: "native",
+    XDP_ATTACHED_SKB: "generic",
+    XDP_ATTACHED_HW: "offload",
+    XDP_ATTACHED_MULTI: "multi",
+    None: "none",
+    "xdp": "native",
+    "xdpgeneric": "generic",
+    "xdpoffload": "offload",
+    "xdpmulti": "multi",
+}
+
+
+@contextmanager
+def _netlink(netns: str | None) -> Iterator[Any]:
+    from pyroute2 import IPRoute, NetNS
+
+    ipr = NetNS(netns) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _ifindex(ipr: Any, ifname: str, netns: str | None) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        where = f" in network namespace {netns}" if netns else ""
+        raise AttachError(f"interface {ifname} not found{where}; check `ip link`")
+    return int(found[0])
+
+
+def query(ifname: str, netns: str | None = None) -> XdpState:
+    with _netlink(netns) as ipr:
+        index = _ifindex(ipr, ifname, netns)
+        (link,) = ipr.get_links(index)
+    xdp = link.get_attr("IFLA_XDP")
+    attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp is not None else XDP_ATTACHED_NONE
+    prog_id = (xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else 0) or 0
+    mode = _ATTACHED_NAMES.get(attached, str(attached))
+    return XdpState(ifname=ifname, ifindex=index, prog_id=int(prog_id), mode=mode)
+
+
+def _set_xdp(ipr: Any, index: int, fd: int, flags: int, expected_fd: int | None) -> None:
+    attrs: list[list[Any]] = [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", flags]]
+    if expected_fd is not None:
+        attrs.append(["IFLA_XDP_EXPECTED_FD", expected_fd])
+    ipr.link("set", index=index, IFLA_XDP={"attrs": attrs})
+
+
+def _mode_flag(mode: Mode) -> int:
+    return XDP_FLAGS_SKB_MODE if mode is Mode.GENERIC else XDP_FLAGS_DRV_MODE
+
+
+def attach(ifname: str, prog_fd: int, mode: Mode = Mode.AUTO, netns: str | None = None) -> XdpState:
+    """Attach prog_fd, atomically replacing whatever stockade program is there."""
+    current = query(ifname, netns)
+    if current.prog_id and current.mode in ("native", "generic"):
+        # Keep the mode already in use: switching modes would need a detach,
+        # which is a window where nothing filters.
+        wanted = Mode.NATIVE if current.mode == "native" else Mode.GENERIC
+        if mode is not Mode.AUTO and mode is not wanted:
+            raise AttachError(
+                f"{ifname} runs XDP in {current.mode} mode; switching to {mode.value} needs "
+                f"`stockade detach {ifname}` first (a window with no filter)"
+            )
+        _replace(ifname, current, prog_fd, wanted, netns)
+        return query(ifname, netns)
+
+    tries = [Mode.NATIVE, Mode.GENERIC] if mode is Mode.AUTO else [mode]
+    last_error: OSError | None = None
+    for attempt in tries:
+        try:
+            with _netlink(netns) as ipr:
+                flags = _mode_flag(attempt) | XDP_FLAGS_UPDATE_IF_NOEXIST
+                _set_xdp(ipr, current.ifindex, prog_fd, flags, None)
+        except OSError as exc:  # pyroute2's NetlinkError is an OSError
+            last_error = exc
+            if attempt is Mode.NATIVE and mode is Mode.AUTO:
+                log.warning(
+                    "native XDP not supported on %s (%s); falling back to generic XDP, "
+                    "which runs after the skb is built and is slower",
+                    ifname,
+                    os.strerror(exc.errno or errno.EINVAL),
+                )
+            continue
+        return query(ifname, netns)
+    raise AttachError(f"cannot attach XDP to {ifname}: {last_error}")
+
+
+def _replace(ifname: str, current: XdpState, prog_fd: int, mode: Mode, netns: str | None) -> None:
+    try:
+        old_fd = libbpf.prog_fd_by_id(current.prog_id)
+    except OSError as exc:
+        raise AttachError(f"cannot open the program on {ifname}: {exc}") from exc
+    try:
+        with _netlink(netns) as ipr:
+            flags = _mode_flag(mode) | XDP_FLAGS_REPLACE
+            _set_xdp(ipr, current.ifindex, prog_fd, flags, old_fd)
+    except OSError as exc:
+        raise AttachError(
+            f"cannot replace the XDP program on {ifname} (expected id {current.prog_id}): {exc}"
+        ) from exc
+    finally:
+        os.close(old_fd)
+
+
+def detach(ifname: str, netns: str | None = None) -> XdpState:
+    """Remove whatever XDP program is on the interface."""
+    current = query(ifname, netns)
+    if not current.prog_id:
+        return current
+    flag = XDP_FLAGS_SKB_MODE if current.mode == "generic" else XDP_FLAGS_DRV_MODE
+    with _netlink(netns) as ipr:
+        _set_xdp(ipr, current.ifindex, -1, flag, None)
+    return query(ifname, netns)

@@ -1,0 +1,1 @@
+"""Throwaway network-namespace lab for tests, the demo and benchmarks."""
