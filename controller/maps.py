@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 from stockade.controller import layout
 from stockade.controller.loader import LoadedProgram
-
 from stockade.targets import Network, is_exact
 
 

@@ -44,3 +44,12 @@ def format_target(net: Network) -> str:
 
 def is_exact(net: Network) -> bool:
     return net.prefixlen == net.max_prefixlen
+
+
+def covers(outer: Network, inner: Network) -> bool:
+    """True if every address of `inner` is inside `outer` (same family)."""
+    if isinstance(outer, ipaddress.IPv4Network) and isinstance(inner, ipaddress.IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(outer, ipaddress.IPv6Network) and isinstance(inner, ipaddress.IPv6Network):
+        return inner.subnet_of(outer)
+    return False

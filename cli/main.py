@@ -1,0 +1,245 @@
+"""The `stockade` command line.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input. Errors are one line
+that names the problem and the next step; `-v` shows details.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from stockade import __version__
+from stockade.cli import output
+from stockade.cli.context import (
+    ENV_SOCKET,
+    Context,
+    check_target,
+    command_help,
+    fail,
+    json_option,
+    pass_ctx,
+)
+from stockade.cli.controller_cmds import controller, detach
+from stockade.durations import DurationError, parse_duration
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Examples:\n\n  stockade ban 198.18.0.7 --ttl 1h --reason scanner\n\n"
+    "  stockade bans --json\n\n  stockade controller run --config /etc/stockade/stockade.toml",
+)
+@click.version_option(__version__, prog_name="stockade")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="STOCKADE_CONFIG",
+    help="Config file (default /etc/stockade/stockade.toml).",
+)
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar=ENV_SOCKET,
+    help="Control socket (default from the config: /run/stockade/control.sock).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log details.")
+@click.pass_context
+def cli(
+    ctx: click.Context, config_path: Path | None, socket_path: Path | None, verbose: bool
+) -> None:
+    """stockade: an edge security gateway with an XDP fast path."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    ctx.obj = Context(config_path, socket_path, verbose)
+
+
+# -- bans -------------------------------------------------------------------
+@cli.command(
+    help=command_help("ban"),
+    epilog="Examples:\n\n  stockade ban 198.18.0.7 --ttl 15m\n\n"
+    "  stockade ban 198.18.4.0/24 --reason 'botnet range'\n\n  stockade ban fd00:18::/64 --ttl 7d",
+)
+@click.argument("target")
+@click.option("--ttl", help="How long: 90s, 15m, 1h, 7d. Default: permanent.")
+@click.option("--reason", help="Why; shown in `stockade bans`.")
+@json_option
+@pass_ctx
+def ban(ctx: Context, target: str, ttl: str | None, reason: str | None, as_json: bool) -> None:
+    canonical = check_target(target)
+    if ttl is not None:
+        try:
+            parse_duration(ttl)
+        except DurationError as exc:
+            fail(str(exc), None, 2)
+    result = ctx.call("ban", target=canonical, ttl=ttl, reason=reason)
+    if as_json:
+        output.emit_json(result)
+        return
+    click.echo(
+        f"{result['status']}: {result['target']} banned, expires {output.expiry(result['expires'])}"
+    )
+
+
+@cli.command(help=command_help("unban"), epilog="Example:\n\n  stockade unban 198.18.0.7")
+@click.argument("target")
+@json_option
+@pass_ctx
+def unban(ctx: Context, target: str, as_json: bool) -> None:
+    result = ctx.call("unban", target=check_target(target))
+    if as_json:
+        output.emit_json(result)
+        return
+    click.echo(f"removed: {result['target']} is no longer banned")
+
+
+@cli.command(
+    help=command_help("bans"), epilog="Example:\n\n  stockade bans --json | jq '.[].target'"
+)
+@json_option
+@pass_ctx
+def bans(ctx: Context, as_json: bool) -> None:
+    result = ctx.call("bans")
+    if as_json:
+        output.emit_json(result)
+        return
+    if not result:
+        click.echo("no bans")
+        return
+    output.table(
+        ("target", "expires", "packets", "bytes", "source", "reason"),
+        [
+            (
+                b["target"],
+                output.expiry(b["expires"]),
+                output.count(b["packets"]),
+                output.count(b["bytes"]),
+                b["source"],
+                b["reason"],
+            )
+            for b in result
+        ],
+    )
+
+
+# -- allowlist ----------------------------------------------------------------
+@cli.group(help="Addresses that always pass, even when banned.")
+def allow() -> None:
+    pass
+
+
+@allow.command(
+    "add", help=command_help("allow.add"), epilog="Example:\n\n  stockade allow add 198.18.0.0/28"
+)
+@click.argument("target")
+@click.option("--reason", help="Why; shown in `stockade allow list`.")
+@json_option
+@pass_ctx
+def allow_add(ctx: Context, target: str, reason: str | None, as_json: bool) -> None:
+    result = ctx.call("allow.add", target=check_target(target), reason=reason)
+    if as_json:
+        output.emit_json(result)
+        return
+    click.echo(f"added: {result['target']} always passes")
+    if result["shadowed_bans"]:
+        click.echo(f"note: these bans no longer apply: {', '.join(result['shadowed_bans'])}")
+
+
+@allow.command("remove", help=command_help("allow.remove"))
+@click.argument("target")
+@json_option
+@pass_ctx
+def allow_remove(ctx: Context, target: str, as_json: bool) -> None:
+    result = ctx.call("allow.remove", target=check_target(target))
+    if as_json:
+        output.emit_json(result)
+        return
+    click.echo(f"removed: {result['target']} is no longer allowlisted")
+
+
+@allow.command("list", help=command_help("allow.list"))
+@json_option
+@pass_ctx
+def allow_list(ctx: Context, as_json: bool) -> None:
+    result = ctx.call("allow.list")
+    if as_json:
+        output.emit_json(result)
+        return
+    if not result:
+        click.echo("allowlist is empty")
+        return
+    output.table(
+        ("target", "packets", "source", "reason"),
+        [(a["target"], output.count(a["packets"]), a["source"], a["reason"]) for a in result],
+    )
+
+
+# -- observing ------------------------------------------------------------------
+@cli.command(help=command_help("stats"))
+@json_option
+@pass_ctx
+def stats(ctx: Context, as_json: bool) -> None:
+    result = ctx.call("stats")
+    if as_json:
+        output.emit_json(result)
+        return
+    output.table(
+        ("reason", "packets", "bytes"),
+        [(name, v["packets"], v["bytes"]) for name, v in result["reasons"].items()],
+    )
+    click.echo(f"SYN-rate events: {result['events']['syn_rate']}, lost: {result['events']['lost']}")
+
+
+@cli.command(help=command_help("status"))
+@json_option
+@pass_ctx
+def status(ctx: Context, as_json: bool) -> None:
+    result = ctx.call("status")
+    if as_json:
+        output.emit_json(result)
+        return
+    program = result["program"]
+    click.echo(f"controller: running (pid {result['pid']}, version {result['version']})")
+    click.echo(f"program:    id {program['id']}, maps in {program['pin_dir']}")
+    click.echo(f"mode:       {'MONITOR (nothing dropped)' if result['monitor'] else 'enforcing'}")
+    for iface in result["interfaces"]:
+        if "error" in iface:
+            click.echo(f"interface:  {iface['name']}: {iface['error']}")
+        else:
+            mark = "" if iface["ours"] else " (NOT our program)"
+            click.echo(
+                f"interface:  {iface['name']}: {iface['mode']} XDP, prog {iface['prog_id']}{mark}"
+            )
+    b = result["bans"]
+    click.echo(
+        f"bans:       {b['total']} ({b['exact']} exact, {b['prefix']} prefix; "
+        f"{b['ipv4']} IPv4, {b['ipv6']} IPv6)"
+    )
+    click.echo(f"allowlist:  {result['allows']} entries")
+    r = result["syn_rate"]
+    rate = f"{r['rate']}/s burst {r['burst']}" if r["rate"] else "off"
+    click.echo(f"SYN rate:   {rate}, IPv6 grouped by /{r['ipv6_prefix']}, {r['events']} events")
+
+
+cli.add_command(controller)
+cli.add_command(detach)
+
+
+def main() -> None:
+    try:
+        cli(prog_name="stockade")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

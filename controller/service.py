@@ -1,0 +1,328 @@
+"""What the controller does with bans and the allowlist.
+
+Order of every change: validate, then write the store, then project into
+the maps; a failure anywhere leaves both as they were. The store is the
+truth: `reconcile` makes the maps match it, and runs at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from stockade.clock import Clock
+from stockade.controller.maps import Hits, MapBackend, MapBan, MapFullError
+from stockade.controller.store import SOURCES, Allow, Ban, BanStore
+from stockade.durations import DurationError, format_duration, parse_duration
+from stockade.protocol import BAD_INPUT, NOT_FOUND, RUNTIME, CommandError
+from stockade.targets import (
+    Network,
+    TargetError,
+    covers,
+    format_target,
+    is_exact,
+    parse_target,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_TTL = 10 * 365 * 86400
+MAX_REASON = 200
+# Expiries recomputed from the wall clock differ by the time between two
+# readings; closer than this counts as the same.
+EXPIRY_TOLERANCE_NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    failed: int = 0
+
+
+def _target(text: str) -> Network:
+    try:
+        return parse_target(text)
+    except TargetError as exc:
+        raise CommandError(BAD_INPUT, str(exc)) from None
+
+
+def _reason(text: str | None, default: str) -> str:
+    if text is None:
+        return default
+    if len(text) > MAX_REASON:
+        raise CommandError(BAD_INPUT, f"reason is {len(text)} characters; at most {MAX_REASON}")
+    if any(unicodedata.category(ch).startswith("C") for ch in text):
+        raise CommandError(BAD_INPUT, "reason must not contain control characters")
+    return text.strip() or default
+
+
+def _kind(net: Network) -> str:
+    return "exact" if is_exact(net) else "prefix"
+
+
+class BanService:
+    def __init__(
+        self,
+        store: BanStore,
+        maps: MapBackend,
+        clock: Clock,
+        management_networks: Iterable[Network] = (),
+    ) -> None:
+        self.store = store
+        self.maps = maps
+        self.clock = clock
+        self.management = tuple(management_networks)
+
+    # -- projection ---------------------------------------------------------
+    def _mono_expiry(self, expires: float | None) -> int:
+        """Wall-clock expiry -> CLOCK_MONOTONIC ns for the kernel; 0 = never."""
+        if expires is None:
+            return 0
+        left_ns = int((expires - self.clock.wall()) * 1e9)
+        return max(1, self.clock.monotonic_ns() + left_ns)
+
+    def _desired_allows(self) -> set[Network]:
+        return {a.target for a in self.store.allows()} | set(self.management)
+
+    def reconcile(self) -> ReconcileReport:
+        """Make the maps equal the store (allowlist first, so nothing wanted is dropped)."""
+        added = updated = removed = failed = 0
+        want_allows = self._desired_allows()
+        have_allows = self.maps.allows()
+        for net in sorted(want_allows - set(have_allows), key=str):
+            try:
+                self.maps.put_allow(net)
+                added += 1
+            except MapFullError as exc:
+                failed += 1
+                log.error("cannot project allow %s: %s", format_target(net), exc)
+        for net in set(have_allows) - want_allows:
+            self.maps.delete_allow(net)
+            removed += 1
+
+        now = self.clock.wall()
+        want_bans = {
+            b.target: self._mono_expiry(b.expires) for b in self.store.bans() if b.active(now)
+        }
+        have_bans = self.maps.bans()
+        for net, expires_ns in want_bans.items():
+            current = have_bans.get(net)
+            if current is not None and self._same_expiry(current, expires_ns):
+                continue
+            try:
+                self.maps.put_ban(net, expires_ns)
+            except MapFullError as exc:
+                failed += 1
+                log.error("cannot project ban %s: %s", format_target(net), exc)
+                continue
+            if current is None:
+                added += 1
+            else:
+                updated += 1
+        for net in set(have_bans) - set(want_bans):
+            self.maps.delete_ban(net)
+            removed += 1
+        return ReconcileReport(added, updated, removed, failed)
+
+    @staticmethod
+    def _same_expiry(current: MapBan, expires_ns: int) -> bool:
+        if (current.expires_ns == 0) != (expires_ns == 0):
+            return False
+        return abs(current.expires_ns - expires_ns) < EXPIRY_TOLERANCE_NS
+
+    def sweep(self) -> list[Network]:
+        """Remove expired bans from the store and the maps (the kernel already ignores them)."""
+        expired = self.store.expired_bans(self.clock.wall())
+        for ban in expired:
+            with self.store.transaction():
+                self.store.delete_ban(ban.target)
+            self.maps.delete_ban(ban.target)
+            log.info("ban on %s expired", format_target(ban.target))
+        return [b.target for b in expired]
+
+    # -- allowlist checks ---------------------------------------------------
+    def _allow_covering(self, net: Network) -> tuple[Network, str] | None:
+        for allow in self.management:
+            if covers(allow, net):
+                return allow, "a management network in the config"
+        for entry in self.store.allows():
+            if covers(entry.target, net):
+                return entry.target, "in the allowlist"
+        return None
+
+    # -- commands -----------------------------------------------------------
+    def ban(
+        self,
+        target: str,
+        ttl: str | None = None,
+        reason: str | None = None,
+        source: str | None = None,
+    ) -> dict[str, Any]:
+        net = _target(target)
+        seconds: int | None = None
+        if ttl is not None:
+            try:
+                seconds = parse_duration(ttl, maximum=MAX_TTL)
+            except DurationError as exc:
+                raise CommandError(BAD_INPUT, str(exc)) from None
+        why = _reason(reason, "manual ban")
+        origin = source or "cli"
+        if origin not in SOURCES:
+            raise CommandError(BAD_INPUT, f"source must be one of {', '.join(SOURCES)}")
+        covering = self._allow_covering(net)
+        if covering is not None:
+            allow, what = covering
+            raise CommandError(
+                BAD_INPUT,
+                f"refusing to ban {format_target(net)}: it is inside {format_target(allow)}, "
+                f"{what}, and allowlisted traffic always passes",
+                f"remove it with `stockade allow remove {format_target(allow)}` first"
+                if what == "in the allowlist"
+                else "edit xdp.management_networks in the config",
+            )
+
+        now = self.clock.wall()
+        previous = self.store.get_ban(net)
+        ban = Ban(net, why, origin, now, None if seconds is None else now + seconds)
+        try:
+            with self.store.transaction():
+                self.store.put_ban(ban)
+                self.maps.put_ban(net, self._mono_expiry(ban.expires))
+        except MapFullError as exc:
+            raise CommandError(
+                RUNTIME,
+                f"cannot ban {format_target(net)}: {exc}",
+                "raise xdp.max_bans_v4/v6 or max_prefix_bans in the config, or unban stale entries",
+            ) from None
+        except sqlite3.Error as exc:
+            self._restore_map(net, previous)
+            raise CommandError(RUNTIME, f"ban store error: {exc}", "check disk space") from None
+        status = "updated" if previous is not None and previous.active(now) else "added"
+        log.info(
+            "ban %s %s (%s, %s, ttl %s)",
+            status,
+            format_target(net),
+            why,
+            origin,
+            "permanent" if seconds is None else format_duration(seconds),
+        )
+        return {**self._ban_json(ban, None), "status": status}
+
+    def _restore_map(self, net: Network, previous: Ban | None) -> None:
+        if previous is None or not previous.active(self.clock.wall()):
+            self.maps.delete_ban(net)
+        else:
+            self.maps.put_ban(net, self._mono_expiry(previous.expires))
+
+    def unban(self, target: str) -> dict[str, Any]:
+        net = _target(target)
+        with self.store.transaction():
+            existed = self.store.delete_ban(net)
+            in_map = self.maps.delete_ban(net)
+        if not existed and not in_map:
+            raise CommandError(
+                NOT_FOUND, f"{format_target(net)} is not banned", "list bans with `stockade bans`"
+            )
+        log.info("unban %s", format_target(net))
+        return {"target": format_target(net), "status": "removed"}
+
+    def _ban_json(self, ban: Ban, hits: Hits | None) -> dict[str, Any]:
+        now = self.clock.wall()
+        return {
+            "target": format_target(ban.target),
+            "kind": _kind(ban.target),
+            "family": f"ipv{ban.target.version}",
+            "reason": ban.reason,
+            "source": ban.source,
+            "created": ban.created,
+            "expires": ban.expires,
+            "ttl_remaining": None if ban.expires is None else max(0.0, ban.expires - now),
+            "packets": hits.packets if hits else 0,
+            "bytes": hits.bytes if hits else 0,
+        }
+
+    def list_bans(self) -> list[dict[str, Any]]:
+        now = self.clock.wall()
+        in_maps = self.maps.bans()
+        return [
+            self._ban_json(ban, in_maps[ban.target].hits if ban.target in in_maps else None)
+            for ban in self.store.bans()
+            if ban.active(now)
+        ]
+
+    def allow_add(self, target: str, reason: str | None = None) -> dict[str, Any]:
+        net = _target(target)
+        why = _reason(reason, "manual allow")
+        allow = Allow(net, why, self.clock.wall())
+        try:
+            with self.store.transaction():
+                self.store.put_allow(allow)
+                self.maps.put_allow(net)
+        except MapFullError as exc:
+            raise CommandError(
+                RUNTIME, f"cannot allow {format_target(net)}: {exc}", "raise xdp.max_allow"
+            ) from None
+        shadowed = [format_target(b.target) for b in self.store.bans() if covers(net, b.target)]
+        log.info("allow %s (%s)", format_target(net), why)
+        return {"target": format_target(net), "status": "added", "shadowed_bans": shadowed}
+
+    def allow_remove(self, target: str) -> dict[str, Any]:
+        net = _target(target)
+        if net in self.management:
+            raise CommandError(
+                BAD_INPUT,
+                f"{format_target(net)} is a management network from the config and stays allowed",
+                "edit xdp.management_networks in the config to change it",
+            )
+        with self.store.transaction():
+            existed = self.store.delete_allow(net)
+            if existed:
+                self.maps.delete_allow(net)
+        if not existed:
+            raise CommandError(
+                NOT_FOUND,
+                f"{format_target(net)} is not in the allowlist",
+                "list it with `stockade allow list`",
+            )
+        log.info("allow removed %s", format_target(net))
+        return {"target": format_target(net), "status": "removed"}
+
+    def allow_list(self) -> list[dict[str, Any]]:
+        hits = self.maps.allows()
+        rows = [
+            {
+                "target": format_target(net),
+                "reason": "management network (config)",
+                "source": "config",
+                "packets": hits.get(net, Hits()).packets,
+                "bytes": hits.get(net, Hits()).bytes,
+            }
+            for net in self.management
+        ]
+        rows += [
+            {
+                "target": format_target(a.target),
+                "reason": a.reason,
+                "source": "cli",
+                "packets": hits.get(a.target, Hits()).packets,
+                "bytes": hits.get(a.target, Hits()).bytes,
+            }
+            for a in self.store.allows()
+            if a.target not in self.management
+        ]
+        return rows
+
+    def stats(self) -> dict[str, Any]:
+        counters = self.maps.counters()
+        return {
+            "reasons": {
+                name: {"packets": h.packets, "bytes": h.bytes} for name, h in counters.items()
+            },
+            "total_packets": sum(h.packets for h in counters.values()),
+        }

@@ -1,0 +1,242 @@
+"""The TOML configuration, validated at load into typed, frozen objects.
+
+Every error names the key and the problem. Unknown keys are refused with a
+did-you-mean, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stockade.durations import DurationError, parse_duration
+from stockade.targets import Network, TargetError, parse_target
+
+DEFAULT_PATH = Path("/etc/stockade/stockade.toml")
+ENV_PATH = "STOCKADE_CONFIG"
+XDP_MODES = ("auto", "native", "generic")
+_IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
+_NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    socket: Path = Path("/run/stockade/control.sock")
+    state_dir: Path = Path("/var/lib/stockade")
+    pin_root: Path = Path("/sys/fs/bpf/stockade")
+    # Network namespace that holds the interfaces (the lab's gateway); the
+    # controller joins it at start and keeps its own mount namespace.
+    netns: str | None = None
+    sweep_interval: float = 1.0
+    log_level: str = "info"
+
+    @property
+    def ban_db(self) -> Path:
+        return self.state_dir / "bans.db"
+
+
+@dataclass(frozen=True)
+class XdpConfig:
+    interfaces: tuple[str, ...] = ()
+    mode: str = "auto"
+    monitor: bool = False
+    # Always allowlisted, so an operator can never ban themselves out.
+    management_networks: tuple[Network, ...] = ()
+    syn_rate: int = 200  # new connections per second per source; 0 = off
+    syn_burst: int = 400
+    ipv6_rate_prefix: int = 64
+    max_bans_v4: int = 262_144
+    max_bans_v6: int = 262_144
+    max_prefix_bans: int = 65_536
+    max_allow: int = 4_096
+    max_rate_sources: int = 262_144
+
+
+@dataclass(frozen=True)
+class Config:
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    xdp: XdpConfig = field(default_factory=XdpConfig)
+    path: Path | None = None
+
+
+class _Section:
+    """Reads one table, remembering which keys were used."""
+
+    def __init__(self, name: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        self.name = name
+        self.table: dict[str, Any] = table
+        self.known: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.known.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        # bool is an int in Python; never accept it where a number is meant
+        if isinstance(value, bool) and kind is not bool:
+            raise ConfigError(f"{self.key(key)}: expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise ConfigError(
+                f"{self.key(key)}: expected {_kind_name(kind)}, got {type(value).__name__}"
+            )
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value: int = self.get(key, int, default)
+        if not low <= value <= high:
+            raise ConfigError(f"{self.key(key)}: {value} is out of range ({low}..{high})")
+        return value
+
+    def duration(self, key: str, default: float) -> float:
+        value = self.get(key, str, None)
+        if value is None:
+            return default
+        try:
+            return float(parse_duration(value))
+        except DurationError as exc:
+            raise ConfigError(f"{self.key(key)}: {exc}") from None
+
+    def path(self, key: str, default: Path) -> Path:
+        value = self.get(key, str, None)
+        if value is None:
+            return default
+        if not value.startswith("/"):
+            raise ConfigError(f"{self.key(key)}: must be an absolute path, got {value!r}")
+        return Path(value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.known)
+        if unknown:
+            raise ConfigError(_unknown_message(self.name + ".", unknown[0], self.known))
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _unknown_message(prefix: str, key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    return f"unknown key {prefix}{key}{hint}"
+
+
+def _controller(section: _Section) -> ControllerConfig:
+    netns = section.get("netns", str, "") or None
+    if netns is not None and not _NETNS.fullmatch(netns):
+        raise ConfigError(f"{section.key('netns')}: invalid namespace name {netns!r}")
+    level = section.get("log_level", str, "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{section.key('log_level')}: use debug, info, warning or error")
+    sweep = section.duration("sweep_interval", 1.0)
+    if sweep > 60:
+        raise ConfigError(f"{section.key('sweep_interval')}: at most 60s")
+    config = ControllerConfig(
+        socket=section.path("socket", ControllerConfig.socket),
+        state_dir=section.path("state_dir", ControllerConfig.state_dir),
+        pin_root=section.path("pin_root", ControllerConfig.pin_root),
+        netns=netns,
+        sweep_interval=sweep,
+        log_level=level,
+    )
+    section.finish()
+    return config
+
+
+def _xdp(section: _Section) -> XdpConfig:
+    d = XdpConfig()
+    interfaces = section.get("interfaces", list, [])
+    for name in interfaces:
+        if not isinstance(name, str) or not _IFNAME.fullmatch(name):
+            raise ConfigError(f"{section.key('interfaces')}: invalid interface name {name!r}")
+    if len(set(interfaces)) != len(interfaces):
+        raise ConfigError(f"{section.key('interfaces')}: an interface is listed twice")
+    mode = section.get("mode", str, d.mode)
+    if mode not in XDP_MODES:
+        raise ConfigError(f"{section.key('mode')}: {mode!r} is not one of {', '.join(XDP_MODES)}")
+    networks = []
+    for text in section.get("management_networks", list, []):
+        if not isinstance(text, str):
+            raise ConfigError(f"{section.key('management_networks')}: {text!r} is not a string")
+        try:
+            networks.append(parse_target(text))
+        except TargetError as exc:
+            raise ConfigError(f"{section.key('management_networks')}: {exc}") from None
+    config = XdpConfig(
+        interfaces=tuple(interfaces),
+        mode=mode,
+        monitor=section.get("monitor", bool, d.monitor),
+        management_networks=tuple(networks),
+        syn_rate=section.integer("syn_rate", d.syn_rate, 0, 1_000_000),
+        syn_burst=section.integer("syn_burst", d.syn_burst, 1, 10_000_000),
+        ipv6_rate_prefix=section.integer("ipv6_rate_prefix", d.ipv6_rate_prefix, 1, 128),
+        max_bans_v4=section.integer("max_bans_v4", d.max_bans_v4, 1, 16_777_216),
+        max_bans_v6=section.integer("max_bans_v6", d.max_bans_v6, 1, 16_777_216),
+        max_prefix_bans=section.integer("max_prefix_bans", d.max_prefix_bans, 1, 1_048_576),
+        max_allow=section.integer("max_allow", d.max_allow, 1, 1_048_576),
+        max_rate_sources=section.integer("max_rate_sources", d.max_rate_sources, 1, 16_777_216),
+    )
+    section.finish()
+    return config
+
+
+_SECTIONS = ("controller", "xdp")
+
+
+def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], _SECTIONS, n=1)
+        hint = f"; did you mean [{close[0]}]?" if close else ""
+        raise ConfigError(f"unknown section [{unknown[0]}]{hint}")
+    return Config(
+        controller=_controller(_Section("controller", data.get("controller", {}))),
+        xdp=_xdp(_Section("xdp", data.get("xdp", {}))),
+        path=path,
+    )
+
+
+def resolve_path(explicit: Path | None) -> tuple[Path, bool]:
+    """The config path to read, and whether the user asked for it explicitly."""
+    if explicit is not None:
+        return explicit, True
+    env = os.environ.get(ENV_PATH)
+    if env:
+        return Path(env), True
+    return DEFAULT_PATH, False
+
+
+def load_config(explicit: Path | None = None) -> Config:
+    """Read and validate the config; the default path may be absent."""
+    path, asked = resolve_path(explicit)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if asked:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return parse_config(data, path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

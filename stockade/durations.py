@@ -1,0 +1,44 @@
+"""Durations as operators write them: `90s`, `15m`, `1h`, `7d`, `1h30m`."""
+
+from __future__ import annotations
+
+import re
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_PART = re.compile(r"(\d+)([smhdw])")
+_WHOLE = re.compile(r"(?:\d+[smhdw])+")
+
+
+class DurationError(ValueError):
+    pass
+
+
+def parse_duration(text: str, *, maximum: int | None = None) -> int:
+    """Seconds in a duration such as `90s` or `1h30m`; it must be > 0."""
+    raw = text.strip().lower()
+    if not _WHOLE.fullmatch(raw):
+        raise DurationError(
+            f"invalid duration {text!r}: use a number and a unit (s, m, h, d, w), "
+            "e.g. 90s, 15m, 1h, 7d"
+        )
+    seconds = sum(int(n) * UNITS[unit] for n, unit in _PART.findall(raw))
+    if seconds <= 0:
+        raise DurationError(f"invalid duration {text!r}: must be longer than 0s")
+    if maximum is not None and seconds > maximum:
+        raise DurationError(
+            f"invalid duration {text!r}: at most {format_duration(maximum)} is allowed"
+        )
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Short human form: 3725 -> `1h2m5s`."""
+    left = max(0, round(seconds))
+    if left == 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, left = divmod(left, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)

@@ -1,0 +1,150 @@
+"""The one command table shared by the control API, the CLI and the docs.
+
+Wire format: one JSON object per line over the unix socket.
+  request: {"command": "ban", "args": {"target": "198.18.0.7", "ttl": "1h"}}
+  reply:   {"ok": true, "result": ...}
+       or  {"ok": false, "error": {"kind": "bad_input", "message": "...", "hint": "..."}}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 64 * 1024
+
+# Error kinds and the CLI exit code each maps to.
+BAD_INPUT = "bad_input"
+NOT_FOUND = "not_found"
+RUNTIME = "runtime"
+EXIT_CODES = {BAD_INPUT: 2, NOT_FOUND: 1, RUNTIME: 1}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # "target", "duration", "text", "int"
+    help: str
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str  # wire name
+    usage: str  # how the CLI spells it
+    help: str
+    params: tuple[Param, ...] = ()
+
+
+TARGET = Param("target", "target", "IPv4/IPv6 address or CIDR prefix", required=True)
+
+COMMANDS: tuple[CommandSpec, ...] = (
+    CommandSpec(
+        "ban",
+        "stockade ban TARGET [--ttl 1h] [--reason TEXT]",
+        "Drop all traffic from TARGET in the kernel, until the TTL runs out or forever.",
+        (
+            TARGET,
+            Param("ttl", "duration", "how long the ban lasts (90s, 15m, 1h, 7d); none = permanent"),
+            Param("reason", "text", "why, shown in `stockade bans` (at most 200 characters)"),
+            Param("source", "text", "who decided: cli, proxy, cluster or rule (default cli)"),
+        ),
+    ),
+    CommandSpec("unban", "stockade unban TARGET", "Lift the ban on TARGET.", (TARGET,)),
+    CommandSpec(
+        "bans",
+        "stockade bans [--json]",
+        "List bans with their expiry and kernel hit counters.",
+    ),
+    CommandSpec(
+        "allow.add",
+        "stockade allow add TARGET [--reason TEXT]",
+        "Always pass TARGET, even if it is banned.",
+        (TARGET, Param("reason", "text", "why (at most 200 characters)")),
+    ),
+    CommandSpec(
+        "allow.remove",
+        "stockade allow remove TARGET",
+        "Remove TARGET from the allowlist.",
+        (TARGET,),
+    ),
+    CommandSpec(
+        "allow.list",
+        "stockade allow list [--json]",
+        "List the allowlist, management networks from the config included.",
+    ),
+    CommandSpec(
+        "stats", "stockade stats [--json]", "Packets and bytes per verdict reason, from the kernel."
+    ),
+    CommandSpec(
+        "status",
+        "stockade status [--json]",
+        "Attached interfaces, XDP mode, program id, ban and allow counts.",
+    ),
+)
+
+COMMANDS_BY_NAME = {spec.name: spec for spec in COMMANDS}
+
+
+class CommandError(Exception):
+    """A command failed; `kind` decides the exit code, `hint` says what to do."""
+
+    def __init__(self, kind: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.hint = hint
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "ok": False,
+            "error": {"kind": self.kind, "message": self.message, "hint": self.hint},
+        }
+
+    def to_wire_bytes(self) -> bytes:
+        return encode(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, error: dict[str, Any]) -> CommandError:
+        kind = error.get("kind") if error.get("kind") in EXIT_CODES else RUNTIME
+        return cls(str(kind), str(error.get("message", "unknown error")), error.get("hint"))
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def request(command: str, **args: Any) -> bytes:
+    return encode({"command": command, "args": {k: v for k, v in args.items() if v is not None}})
+
+
+def decode_request(line: bytes) -> tuple[CommandSpec, dict[str, Any]]:
+    """Parse and check one request line against the command table."""
+    try:
+        message = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CommandError(BAD_INPUT, "request is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise CommandError(BAD_INPUT, "request must be a JSON object")
+    name = message.get("command")
+    spec = COMMANDS_BY_NAME.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise CommandError(BAD_INPUT, f"unknown command {name!r}", "see `stockade --help`")
+    args = message.get("args", {})
+    if not isinstance(args, dict):
+        raise CommandError(BAD_INPUT, "args must be a JSON object")
+    allowed = {p.name for p in spec.params}
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise CommandError(BAD_INPUT, f"{spec.name}: unknown argument {unknown[0]!r}")
+    for param in spec.params:
+        value = args.get(param.name)
+        if value is None:
+            if param.required:
+                raise CommandError(BAD_INPUT, f"{spec.name}: missing argument {param.name!r}")
+            continue
+        if not isinstance(value, str):
+            raise CommandError(BAD_INPUT, f"{spec.name}: {param.name} must be a string")
+    return spec, args
