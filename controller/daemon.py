@@ -138,7 +138,8 @@ class Controller:
             from pyroute2 import netns as pr_netns
 
             try:
-                pr_netns.setns(ctl.netns)  # network namespace only; bpffs stays visible
+                # network namespace only (bpffs stays visible); flags=0: never create one
+                pr_netns.setns(ctl.netns, flags=0)
             except OSError as exc:
                 raise StartupError(f"cannot enter network namespace {ctl.netns}: {exc}") from None
         loader.ensure_bpffs()
@@ -188,18 +189,26 @@ class Controller:
         return 0
 
     # -- control API --------------------------------------------------------
+    def _service(self) -> BanService:
+        if self.service is None:
+            raise CommandError(RUNTIME, "the controller is still starting", "retry in a moment")
+        return self.service
+
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        service = self.service
-        assert service is not None
+        """One handler per command in the protocol table.
+
+        The service is looked up on each call, so the table can be built (and
+        checked against `protocol.COMMANDS`) without starting anything.
+        """
         return {
-            "ban": lambda a: service.ban(
+            "ban": lambda a: self._service().ban(
                 a["target"], a.get("ttl"), a.get("reason"), a.get("source")
             ),
-            "unban": lambda a: service.unban(a["target"]),
-            "bans": lambda a: service.list_bans(),
-            "allow.add": lambda a: service.allow_add(a["target"], a.get("reason")),
-            "allow.remove": lambda a: service.allow_remove(a["target"]),
-            "allow.list": lambda a: service.allow_list(),
+            "unban": lambda a: self._service().unban(a["target"]),
+            "bans": lambda a: self._service().list_bans(),
+            "allow.add": lambda a: self._service().allow_add(a["target"], a.get("reason")),
+            "allow.remove": lambda a: self._service().allow_remove(a["target"]),
+            "allow.list": lambda a: self._service().allow_list(),
             "stats": lambda a: self.stats(),
             "status": lambda a: self.status(),
         }

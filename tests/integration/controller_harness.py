@@ -1,0 +1,156 @@
+"""Run a real `stockade controller run` against a lab's gateway interface."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stockade.cli.client import call
+from stockade.lab.netns_exec import run_in_netns
+
+PROBES = Path(__file__).with_name("probes.py")
+STOCKADE = [sys.executable, "-m", "stockade.cli.main"]
+
+
+@dataclass
+class RunningController:
+    config_path: Path
+    socket: Path
+    pin_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*STOCKADE, "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"stockade {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def api(self, command: str, **args: Any) -> Any:
+        return call(self.socket, command, **args)
+
+    def counters(self) -> dict[str, int]:
+        stats = self.api("stats")
+        return {name: v["packets"] for name, v in stats["reasons"].items()}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def write_config(
+    path: Path, tmp: Path, pin_root: Path, netns: str, ifname: str, **xdp: Any
+) -> None:
+    lines = [
+        "[controller]",
+        f'socket = "{tmp / "control.sock"}"',
+        f'state_dir = "{tmp / "state"}"',
+        f'pin_root = "{pin_root}"',
+        f'netns = "{netns}"',
+        'sweep_interval = "1s"',
+        "[xdp]",
+        f'interfaces = ["{ifname}"]',
+        "max_bans_v4 = 4096",
+        "max_bans_v6 = 4096",
+        "max_rate_sources = 4096",
+    ]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in xdp.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def start(config_path: Path, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    proc = subprocess.Popen(
+        [*STOCKADE, "--config", str(config_path), "controller", "run", *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    return proc
+
+
+def wait_ready(socket_path: Path, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"controller exited {proc.returncode}:\n{log_path.read_text()}")
+        if socket_path.exists():
+            with suppress(Exception):
+                call(socket_path, "status")
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"controller not ready after 30 s:\n{log_path.read_text()}")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+    return proc.wait(timeout=20)
+
+
+@contextmanager
+def running_controller(
+    tmp: Path, netns: str, ifname: str, *extra: str, **xdp: Any
+) -> Iterator[RunningController]:
+    pin_root = Path(f"/sys/fs/bpf/stockade-it-{os.getpid()}-{tmp.name}"[:200])
+    config_path = tmp / "stockade.toml"
+    write_config(config_path, tmp, pin_root, netns, ifname, **xdp)
+    log_path = tmp / "controller.log"
+    proc = start(config_path, log_path, *extra)
+    ctl = RunningController(config_path, tmp / "control.sock", pin_root / "v1", log_path, proc)
+    try:
+        wait_ready(ctl.socket, proc, log_path)
+        yield ctl
+    finally:
+        stop(ctl.proc)
+        subprocess.run(
+            [*STOCKADE, "--config", str(config_path), "detach", "--all", "--remove-maps"],
+            capture_output=True,
+            timeout=30,
+        )
+        shutil.rmtree(pin_root, ignore_errors=True)
+
+
+def restart(ctl: RunningController, *extra: str) -> None:
+    ctl.proc = start(ctl.config_path, ctl.log_path, *extra)
+    wait_ready(ctl.socket, ctl.proc, ctl.log_path)
+
+
+def probe(netns: str, *args: str, timeout: float = 60) -> Any:
+    result = run_in_netns(
+        netns,
+        [sys.executable, str(PROBES), *args],
+        capture_output=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"probe {args} failed: {result.stderr}")
+    return json.loads(result.stdout)
+
+
+def can_connect(netns: str, src: str, dst: str, port: int, timeout: float = 0.5) -> bool:
+    return bool(probe(netns, "connect", src, dst, str(port), "--timeout", str(timeout))["ok"])
+
+
+def can_ping(netns: str, src: str, dst: str) -> bool:
+    result = run_in_netns(
+        netns,
+        ["ping", "-n", "-q", "-c", "1", "-W", "1", "-I", src, dst],
+        capture_output=True,
+        timeout=10,
+    )
+    return result.returncode == 0
