@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import click
 
@@ -25,10 +28,52 @@ from stockade.cli.context import (
     pass_ctx,
 )
 from stockade.cli.controller_cmds import controller, detach
+from stockade.config import ConfigError, load_config, resolve_path
+from stockade.controller.layout import reason_names
 from stockade.durations import DurationError, parse_duration
 
 
+class _UsageLine(click.UsageError):
+    """A usage error printed like every other error: one line, then the next step."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        hint = f"; see `{self.ctx.command_path} --help`" if self.ctx is not None else ""
+        message = self.format_message().rstrip(".")
+        click.echo(f"stockade: {message}{hint}", file=file, err=True)
+
+
+@contextmanager
+def _one_line_usage() -> Iterator[None]:
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # a bare group prints its help
+    except _UsageLine:
+        raise
+    except click.UsageError as exc:
+        raise _UsageLine(exc.format_message(), exc.ctx) from None
+
+
+class _Group(click.Group):
+    """The root group: usage errors anywhere below it exit 2 with one line."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_usage():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage():
+            return super().invoke(ctx)
+
+
 @click.group(
+    cls=_Group,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Examples:\n\n  stockade ban 198.18.0.7 --ttl 1h --reason scanner\n\n"
     "  stockade bans --json\n\n  stockade controller run --config /etc/stockade/stockade.toml",
@@ -131,7 +176,11 @@ def bans(ctx: Context, as_json: bool) -> None:
 
 
 # -- allowlist ----------------------------------------------------------------
-@cli.group(help="Addresses that always pass, even when banned.")
+@cli.group(
+    help="Addresses that always pass, even when banned.",
+    epilog="Examples:\n\n  stockade allow add 198.18.0.0/28 --reason office\n\n"
+    "  stockade allow list --json",
+)
 def allow() -> None:
     pass
 
@@ -153,7 +202,11 @@ def allow_add(ctx: Context, target: str, reason: str | None, as_json: bool) -> N
         click.echo(f"note: these bans no longer apply: {', '.join(result['shadowed_bans'])}")
 
 
-@allow.command("remove", help=command_help("allow.remove"))
+@allow.command(
+    "remove",
+    help=command_help("allow.remove"),
+    epilog="Example:\n\n  stockade allow remove 198.18.0.0/28",
+)
 @click.argument("target")
 @json_option
 @pass_ctx
@@ -165,7 +218,9 @@ def allow_remove(ctx: Context, target: str, as_json: bool) -> None:
     click.echo(f"removed: {result['target']} is no longer allowlisted")
 
 
-@allow.command("list", help=command_help("allow.list"))
+@allow.command(
+    "list", help=command_help("allow.list"), epilog="Example:\n\n  stockade allow list --json"
+)
 @json_option
 @pass_ctx
 def allow_list(ctx: Context, as_json: bool) -> None:
@@ -183,7 +238,7 @@ def allow_list(ctx: Context, as_json: bool) -> None:
 
 
 # -- observing ------------------------------------------------------------------
-@cli.command(help=command_help("stats"))
+@cli.command(help=command_help("stats"), epilog="Example:\n\n  stockade stats --json")
 @json_option
 @pass_ctx
 def stats(ctx: Context, as_json: bool) -> None:
@@ -191,14 +246,17 @@ def stats(ctx: Context, as_json: bool) -> None:
     if as_json:
         output.emit_json(result)
         return
+    reasons = result["reasons"]
+    order = [name for name in reason_names() if name in reasons]
+    order += sorted(set(reasons) - set(order))
     output.table(
         ("reason", "packets", "bytes"),
-        [(name, v["packets"], v["bytes"]) for name, v in result["reasons"].items()],
+        [(name, reasons[name]["packets"], reasons[name]["bytes"]) for name in order],
     )
     click.echo(f"SYN-rate events: {result['events']['syn_rate']}, lost: {result['events']['lost']}")
 
 
-@cli.command(help=command_help("status"))
+@cli.command(help=command_help("status"), epilog="Example:\n\n  stockade status --json")
 @json_option
 @pass_ctx
 def status(ctx: Context, as_json: bool) -> None:
@@ -227,6 +285,25 @@ def status(ctx: Context, as_json: bool) -> None:
     r = result["syn_rate"]
     rate = f"{r['rate']}/s burst {r['burst']}" if r["rate"] else "off"
     click.echo(f"SYN rate:   {rate}, IPv6 grouped by /{r['ipv6_prefix']}, {r['events']} events")
+
+
+@cli.command(
+    "check-config",
+    epilog="Examples:\n\n  stockade check-config\n\n"
+    "  stockade --config ./stockade.toml check-config",
+)
+@pass_ctx
+def check_config(ctx: Context) -> None:
+    """Validate the config file without starting anything (exit 2 if it is invalid)."""
+    path, asked = resolve_path(ctx.config_path)
+    try:
+        load_config(ctx.config_path)
+    except ConfigError as exc:
+        fail(str(exc), None, 2)
+    if asked or path.exists():
+        click.echo(f"ok: {path} is valid")
+    else:
+        click.echo(f"ok: no config at {path}; the defaults apply")
 
 
 cli.add_command(controller)
