@@ -164,8 +164,21 @@ static __always_inline int parse_ipv6(struct cursor *c, struct packet *pkt)
 			return -1;
 		c->pos += len;
 	}
-	/* too many extension headers: judged by the source only */
-	return 0;
+	/* MAX_V6_EXT_HDRS headers walked. If the last one leads to L4, inspect
+	 * it like any other (is_syn() checks its bounds): before this check,
+	 * exactly MAX_V6_EXT_HDRS extension headers escaped the SYN limit. */
+	switch (nexthdr) {
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_AH:
+	case IPPROTO_FRAGMENT:
+		/* too many extension headers: judged by the source only */
+		return 0;
+	default:
+		pkt->l4proto = nexthdr;
+		return 0;
+	}
 }
 
 /* 1 if the TCP header is a SYN without ACK, 0 if not, -1 if truncated. */

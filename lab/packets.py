@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -108,6 +109,34 @@ def ah_header(nexthdr: int, payload_len: int = 4) -> bytes:
 
 def fragment_header(nexthdr: int, offset: int = 0, more: bool = True) -> bytes:
     return struct.pack("!BBHI", nexthdr, 0, (offset << 3) | int(more), 0x1234)
+
+
+def ipv6_ext(
+    src: str,
+    headers: Sequence[int],
+    last: int = IPPROTO_TCP,
+    payload: bytes | None = None,
+    dst: str = "fd00:18::1",
+) -> bytes:
+    """An IPv6 packet with the extension headers `headers` in order, then `last`.
+
+    Each header is the smallest of its kind (8 bytes; AH 24 bytes; a first
+    fragment with more to follow) and points at the next one. The payload is
+    a TCP SYN by default.
+    """
+    body = tcp() if payload is None else payload
+    nexthdr = last
+    for kind in reversed(headers):
+        if kind == IPPROTO_AH:
+            body = ah_header(nexthdr) + body
+        elif kind == IPPROTO_FRAGMENT:
+            body = fragment_header(nexthdr, offset=0, more=True) + body
+        elif kind in (IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS):
+            body = ext_header(nexthdr) + body
+        else:
+            raise ValueError(f"not an IPv6 extension header: {kind}")
+        nexthdr = kind
+    return ipv6(src, dst, nexthdr, body)
 
 
 def tcp4(src: str, flags: int = TCP_SYN, dst: str = "198.18.0.1", **ip: int) -> bytes:
