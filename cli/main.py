@@ -28,6 +28,7 @@ from stockade.cli.context import (
     pass_ctx,
 )
 from stockade.cli.controller_cmds import controller, detach
+from stockade.cli.lab import lab_group
 from stockade.config import ConfigError, load_config, resolve_path
 from stockade.controller.layout import reason_names
 from stockade.durations import DurationError, parse_duration
@@ -308,6 +309,7 @@ def check_config(ctx: Context) -> None:
 
 cli.add_command(controller)
 cli.add_command(detach)
+cli.add_command(lab_group, "lab")
 
 
 def main() -> None:

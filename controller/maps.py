@@ -60,6 +60,9 @@ def _net_from(family_v6: bool, raw: bytes, prefixlen: int) -> Network:
     return ipaddress.IPv4Network((raw, prefixlen))
 
 
+TRIES = ("ban_prefix_v4", "ban_prefix_v6", "allow_v4", "allow_v6")
+
+
 def _bytes_array(arr: Any) -> bytes:
     return bytes(arr)
 
@@ -70,10 +73,13 @@ class BpfMaps:
     def __init__(self, program: LoadedProgram) -> None:
         self._t = {name: program.table(name) for name in layout.PINNED_MAPS}
         self._settings = RuntimeSettings()
-        # Trie sizes let the program skip empty tries; counted once here.
-        self._trie_counts = {
-            name: len(list(self._t[name].keys()))
-            for name in ("ban_prefix_v4", "ban_prefix_v6", "allow_v4", "allow_v6")
+        # The prefixes in each trie, read once here. A trie lookup returns
+        # the longest match, not the exact key, so whether a prefix is
+        # already present is answered from this set; its size is the count
+        # that lets the program skip an empty trie.
+        self._trie_keys: dict[str, set[Network]] = {
+            name: {self._net_of(name, key) for key in self._t[name]}
+            for name in TRIES
         }
         current = self._t["config"][ctypes.c_uint32(0)]
         self._settings = RuntimeSettings(
@@ -92,10 +98,10 @@ class BpfMaps:
             syn_burst=s.syn_burst,
             v6_rate_prefix=s.v6_rate_prefix,
             flags=layout.CONFIG_F_MONITOR if s.monitor else 0,
-            ban_prefix_v4_count=self._trie_counts["ban_prefix_v4"],
-            ban_prefix_v6_count=self._trie_counts["ban_prefix_v6"],
-            allow_v4_count=self._trie_counts["allow_v4"],
-            allow_v6_count=self._trie_counts["allow_v6"],
+            ban_prefix_v4_count=len(self._trie_keys["ban_prefix_v4"]),
+            ban_prefix_v6_count=len(self._trie_keys["ban_prefix_v6"]),
+            allow_v4_count=len(self._trie_keys["allow_v4"]),
+            allow_v6_count=len(self._trie_keys["allow_v6"]),
         )
         self._t["config"][ctypes.c_uint32(0)] = cfg
 
@@ -130,27 +136,33 @@ class BpfMaps:
         plen = int(key.prefixlen) if hasattr(key, "prefixlen") else (128 if v6 else 32)
         return _net_from(v6, _bytes_array(key.addr), plen)
 
-    def _insert(self, table: str, key: Any, value: Any, is_new: bool) -> None:
-        if is_new and table in self._trie_counts:
-            self._trie_counts[table] += 1  # raise the count before the entry exists
+    def _exists(self, table: str, net: Network, key: Any) -> bool:
+        if table in self._trie_keys:
+            return net in self._trie_keys[table]
+        return self._t[table].get(key) is not None
+
+    def _insert(self, table: str, net: Network, key: Any, value: Any, is_new: bool) -> None:
+        tracked = is_new and table in self._trie_keys
+        if tracked:
+            self._trie_keys[table].add(net)  # raise the count before the entry exists
             self._write_config()
         try:
             self._t[table][key] = value
         except Exception as exc:  # bcc raises a bare Exception with errno text
-            if is_new and table in self._trie_counts:
-                self._trie_counts[table] -= 1
+            if tracked:
+                self._trie_keys[table].discard(net)
                 self._write_config()
             if "No space left" in str(exc) or "E2BIG" in str(exc) or "Argument list" in str(exc):
                 raise MapFullError(f"BPF map {table} is full") from exc
             raise
 
-    def _remove(self, table: str, key: Any) -> bool:
+    def _remove(self, table: str, net: Network) -> bool:
         try:
-            del self._t[table][key]
+            del self._t[table][self._key(table, net)]  # exact, also in a trie
         except KeyError:
             return False
-        if table in self._trie_counts:
-            self._trie_counts[table] = max(0, self._trie_counts[table] - 1)
+        if table in self._trie_keys:
+            self._trie_keys[table].discard(net)  # lower the count after the entry is gone
             self._write_config()
         return True
 
@@ -168,15 +180,16 @@ class BpfMaps:
     def put_ban(self, net: Network, expires_ns: int) -> None:
         table = self._ban_table_name(net)
         key = self._key(table, net)
-        existing = self._t[table].get(key)
         value = layout.BanValue(expires_ns=expires_ns)
-        if existing is not None:  # keep the hit counters of an updated ban
+        exists = self._exists(table, net, key)
+        if exists:  # keep the hit counters of an updated ban (the exact entry)
+            existing = self._t[table][key]
             value.packets, value.bytes = existing.packets, existing.bytes
-        self._insert(table, key, value, existing is None)
+        self._insert(table, net, key, value, not exists)
 
     def delete_ban(self, net: Network) -> bool:
         table = self._ban_table_name(net)
-        return self._remove(table, self._key(table, net))
+        return self._remove(table, net)
 
     # -- allowlist ----------------------------------------------------------
     def allows(self) -> dict[Network, Hits]:
@@ -189,13 +202,12 @@ class BpfMaps:
     def put_allow(self, net: Network) -> None:
         table = "allow_v6" if net.version == 6 else "allow_v4"
         key = self._key(table, net)
-        existing = self._t[table].get(key)
-        if existing is None:
-            self._insert(table, key, layout.AllowValue(), True)
+        if not self._exists(table, net, key):
+            self._insert(table, net, key, layout.AllowValue(), True)
 
     def delete_allow(self, net: Network) -> bool:
         table = "allow_v6" if net.version == 6 else "allow_v4"
-        return self._remove(table, self._key(table, net))
+        return self._remove(table, net)
 
     # -- counters -----------------------------------------------------------
     def counters(self) -> dict[str, Hits]:

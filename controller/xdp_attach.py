@@ -34,6 +34,20 @@ XDP_ATTACHED_HW = 3
 XDP_ATTACHED_MULTI = 4
 
 
+def _netlink_errors() -> tuple[type[Exception], ...]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return (OSError, NetlinkError)  # NetlinkError is not an OSError
+
+
+NETLINK_ERRORS = _netlink_errors()
+
+
+def _reason(exc: Exception) -> str:
+    code = getattr(exc, "code", None) or getattr(exc, "errno", None) or errno.EINVAL
+    return os.strerror(int(code))
+
+
 class Mode(enum.StrEnum):
     AUTO = "auto"  # native, generic as a fallback with a warning
     NATIVE = "native"
@@ -120,42 +134,45 @@ def attach(ifname: str, prog_fd: int, mode: Mode = Mode.AUTO, netns: str | None 
                 f"{ifname} runs XDP in {current.mode} mode; switching to {mode.value} needs "
                 f"`stockade detach {ifname}` first (a window with no filter)"
             )
-        _replace(ifname, current, prog_fd, wanted, netns)
+        replace(ifname, prog_fd, current.prog_id, wanted, netns)
         return query(ifname, netns)
 
     tries = [Mode.NATIVE, Mode.GENERIC] if mode is Mode.AUTO else [mode]
-    last_error: OSError | None = None
+    last_error: Exception | None = None
     for attempt in tries:
         try:
             with _netlink(netns) as ipr:
                 flags = _mode_flag(attempt) | XDP_FLAGS_UPDATE_IF_NOEXIST
                 _set_xdp(ipr, current.ifindex, prog_fd, flags, None)
-        except OSError as exc:  # pyroute2's NetlinkError is an OSError
+        except NETLINK_ERRORS as exc:
             last_error = exc
             if attempt is Mode.NATIVE and mode is Mode.AUTO:
                 log.warning(
                     "native XDP not supported on %s (%s); falling back to generic XDP, "
                     "which runs after the skb is built and is slower",
                     ifname,
-                    os.strerror(exc.errno or errno.EINVAL),
+                    _reason(exc),
                 )
             continue
         return query(ifname, netns)
     raise AttachError(f"cannot attach XDP to {ifname}: {last_error}")
 
 
-def _replace(ifname: str, current: XdpState, prog_fd: int, mode: Mode, netns: str | None) -> None:
+def replace(
+    ifname: str, prog_fd: int, expected_prog_id: int, mode: Mode, netns: str | None = None
+) -> None:
+    """Swap in prog_fd only if expected_prog_id is what runs there (a compare-and-swap)."""
     try:
-        old_fd = libbpf.prog_fd_by_id(current.prog_id)
+        old_fd = libbpf.prog_fd_by_id(expected_prog_id)
     except OSError as exc:
         raise AttachError(f"cannot open the program on {ifname}: {exc}") from exc
     try:
         with _netlink(netns) as ipr:
             flags = _mode_flag(mode) | XDP_FLAGS_REPLACE
-            _set_xdp(ipr, current.ifindex, prog_fd, flags, old_fd)
-    except OSError as exc:
+            _set_xdp(ipr, _ifindex(ipr, ifname, netns), prog_fd, flags, old_fd)
+    except NETLINK_ERRORS as exc:
         raise AttachError(
-            f"cannot replace the XDP program on {ifname} (expected id {current.prog_id}): {exc}"
+            f"cannot replace the XDP program on {ifname} (expected id {expected_prog_id}): {exc}"
         ) from exc
     finally:
         os.close(old_fd)
@@ -167,6 +184,9 @@ def detach(ifname: str, netns: str | None = None) -> XdpState:
     if not current.prog_id:
         return current
     flag = XDP_FLAGS_SKB_MODE if current.mode == "generic" else XDP_FLAGS_DRV_MODE
-    with _netlink(netns) as ipr:
-        _set_xdp(ipr, current.ifindex, -1, flag, None)
+    try:
+        with _netlink(netns) as ipr:
+            _set_xdp(ipr, current.ifindex, -1, flag, None)
+    except NETLINK_ERRORS as exc:
+        raise AttachError(f"cannot detach XDP from {ifname}: {_reason(exc)}") from exc
     return query(ifname, netns)

@@ -6,7 +6,6 @@ the controller) --veth--> upstream ns (HTTP on 198.18.1.10 / fd00:19::10:8080).
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -23,19 +22,13 @@ from controller_harness import (
     stop,
 )
 
-from stockade.lab.topology import Lab, running_lab
+from stockade.lab.topology import Lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 
 C1, C2, C3, C4 = "198.18.0.10", "198.18.0.11", "198.18.0.12", "198.18.0.13"
 C1_6, C2_6 = "fd00:18::10", "fd00:18::11"
 UP4, UP6, PORT = "198.18.1.10", "fd00:19::10", 8080
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with running_lab(prefix=f"sti{os.getpid() % 100000:05d}") as lab:
-        yield lab
 
 
 @pytest.fixture
