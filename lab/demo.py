@@ -9,6 +9,7 @@ then unbans it. Everything is removed at the end, also on Ctrl-C.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,8 +21,7 @@ import time
 from pathlib import Path
 
 from stockade.cli.client import call
-from stockade.lab import topology
-from stockade.lab.netns_exec import run_in_netns
+from stockade.lab import probe, topology
 
 STOCKADE = [sys.executable, "-m", "stockade.cli.main"]
 BANNED, OTHER = topology.CLIENT_V4[0], topology.CLIENT_V4[1]
@@ -43,11 +43,13 @@ def show(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def fetch(lab: topology.Lab, src: str) -> bool:
     url = lab.upstream_url("/api/hello")
-    argv = [sys.executable, "-m", "stockade.lab.client", "--src", src, url]
     print(f"  [client {src}] GET {url}", flush=True)
-    result = run_in_netns(lab.client_ns, argv, capture_output=True, timeout=30)
-    print(f"    {result.stdout.strip()}")
-    return result.returncode == 0
+    result = probe.in_netns(lab.client_ns, "http", "--url", url, "--src", src, timeout=1.0)
+    if "status" in result:
+        print(f"    HTTP {result['status']} {json.dumps(result['body'], sort_keys=True)}")
+    else:
+        print(f"    no answer after {result.get('elapsed_ms', 0) / 1000:.1f}s: {result['result']}")
+    return bool(result["ok"])
 
 
 def write_config(tmp: Path, lab: topology.Lab) -> Path:

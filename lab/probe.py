@@ -6,6 +6,10 @@ Run inside a namespace, from the source address of your choice:
     python -m stockade.lab.probe http --url http://[fd00:19::10]:8080/health [--src fd00:18::12]
     python -m stockade.lab.probe ping --dst fd00:18::1 [--src fd00:18::11]
     python -m stockade.lab.probe listen --host :: --port 9000 [--duration 60]
+    python -m stockade.lab.probe watch --dst 198.18.1.10 --port 8080 --src 198.18.0.10 \
+        --duration 2 --interval 0.01 --timeout 0.05
+    python -m stockade.lab.probe synflood --dst 198.18.1.10 --port 8080 --src 198.18.0.13 \
+        --count 3000 --duration 3
 
 Each probe prints one JSON object ({"ok": ..., "result": ..., "elapsed_ms": ...})
 and exits 0 when it succeeded, 1 when not. Every probe is bounded by
@@ -177,6 +181,51 @@ def listen(host: str, port: int, duration: float) -> int:
     return 0
 
 
+def watch(
+    dst: str, port: int, src: str | None, duration: float, interval: float, timeout: float
+) -> dict[str, Any]:
+    """TCP connects every `interval` for `duration` s: [[start (CLOCK_MONOTONIC), ok], ...].
+
+    Monotonic start times let a test line attempts up with events in another
+    process (the clock is shared by every process on the host).
+    """
+    started = time.monotonic()
+    attempts: list[tuple[float, bool]] = []
+    deadline = started + min(duration, 60.0)
+    while time.monotonic() < deadline and len(attempts) < 100_000:
+        at = time.monotonic()
+        attempts.append((at, bool(tcp_connect(dst, port, src, timeout)["ok"])))
+        time.sleep(interval)
+    return _result(True, f"{len(attempts)} attempts", started, attempts=attempts)
+
+
+def syn_segment(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """A bare TCP SYN with a valid checksum (the kernel adds the IP header)."""
+    seq = int.from_bytes(os.urandom(4), "big")
+    header = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 65535, 0, 0)
+    s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
+    if len(s) == 4:
+        pseudo = s + d + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header))
+    else:
+        pseudo = s + d + struct.pack("!I3xB", len(header), socket.IPPROTO_TCP)
+    cksum = _checksum(pseudo + header)
+    return header[:16] + struct.pack("!H", cksum) + header[18:]
+
+
+def synflood(dst: str, port: int, src: str, count: int, duration: float) -> dict[str, Any]:
+    """Up to `count` raw SYNs from `src` within `duration` s (both capped): no handshake."""
+    started = time.monotonic()
+    deadline = started + min(duration, 10.0)
+    sent = 0
+    with socket.socket(_family(dst), socket.SOCK_RAW, socket.IPPROTO_TCP) as sock:
+        sock.bind((src, 0))
+        while sent < min(count, 1_000_000) and time.monotonic() < deadline:
+            sock.sendto(syn_segment(src, dst, 20000 + sent % 40000, port), (dst, 0))
+            sent += 1
+    elapsed = time.monotonic() - started
+    return _result(True, f"{sent} SYNs", started, sent=sent, elapsed=elapsed)
+
+
 def in_netns(netns: str, kind: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
     """Run a probe in `netns` and return its JSON, e.g.
 
@@ -209,6 +258,20 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--dst", required=True)
         if kind == "tcp":
             p.add_argument("--port", type=int, required=True)
+    p = sub.add_parser("watch")
+    p.add_argument("--src")
+    p.add_argument("--dst", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--duration", type=float, default=1.0)
+    p.add_argument("--interval", type=float, default=0.01)
+    p.add_argument("--timeout", type=float, default=0.05)
+    p = sub.add_parser("synflood")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--duration", type=float, default=1.0)
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=argparse.SUPPRESS)
     p = sub.add_parser("listen")
     p.add_argument("--host", default="::")
     p.add_argument("--port", type=int, required=True)
@@ -218,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.kind == "listen":
         return listen(args.host, args.port, args.duration)
-    if args.kind == "tcp":
+    if args.kind == "watch":
+        result = watch(args.dst, args.port, args.src, args.duration, args.interval, args.timeout)
+    elif args.kind == "synflood":
+        result = synflood(args.dst, args.port, args.src, args.count, args.duration)
+    elif args.kind == "tcp":
         result = tcp_connect(args.dst, args.port, args.src, args.timeout)
     elif args.kind == "http":
         result = http_get(args.url, args.src, args.timeout)

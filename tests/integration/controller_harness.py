@@ -9,16 +9,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stockade.cli.client import call
-from stockade.lab.netns_exec import run_in_netns
+from stockade.lab.netns_exec import popen_in_netns, python_argv, run_in_netns
 
-PROBES = Path(__file__).with_name("probes.py")
 STOCKADE = [sys.executable, "-m", "stockade.cli.main"]
 
 
@@ -130,27 +129,49 @@ def restart(ctl: RunningController, *extra: str) -> None:
     wait_ready(ctl.socket, ctl.proc, ctl.log_path)
 
 
-def probe(netns: str, *args: str, timeout: float = 60) -> Any:
+def probe(netns: str, kind: str, *args: str, timeout: float = 60) -> Any:
+    """Run `python -m stockade.lab.probe KIND ARGS` in netns; its JSON result."""
     result = run_in_netns(
         netns,
-        [sys.executable, str(PROBES), *args],
+        python_argv("-m", "stockade.lab.probe", kind, *args),
         capture_output=True,
         timeout=timeout,
     )
-    if result.returncode != 0:
-        raise AssertionError(f"probe {args} failed: {result.stderr}")
+    if not result.stdout.strip():
+        raise AssertionError(f"probe {kind} {args} printed nothing: {result.stderr}")
     return json.loads(result.stdout)
 
 
+def watch_during(
+    netns: str,
+    src: str,
+    dst: str,
+    port: int,
+    duration: float,
+    interval: float,
+    action: Callable[[], None],
+) -> list[tuple[float, bool]]:
+    """Run `action` while the client probes dst:port; [(start monotonic, ok)] per attempt."""
+    args = ("--src", src, "--dst", dst, "--port", str(port), "--duration", str(duration))
+    watcher = popen_in_netns(
+        netns,
+        python_argv("-m", "stockade.lab.probe", "watch", *args, "--interval", str(interval)),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        action()
+        out, _ = watcher.communicate(timeout=duration + 60)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()  # our own child, by PID
+            watcher.wait()
+    return [(start, ok) for start, ok in json.loads(out)["attempts"]]
+
+
 def can_connect(netns: str, src: str, dst: str, port: int, timeout: float = 0.5) -> bool:
-    return bool(probe(netns, "connect", src, dst, str(port), "--timeout", str(timeout))["ok"])
+    args = ("--src", src, "--dst", dst, "--port", str(port), "--timeout", str(timeout))
+    return bool(probe(netns, "tcp", *args)["ok"])
 
 
 def can_ping(netns: str, src: str, dst: str) -> bool:
-    result = run_in_netns(
-        netns,
-        ["ping", "-n", "-q", "-c", "1", "-W", "1", "-I", src, dst],
-        capture_output=True,
-        timeout=10,
-    )
-    return result.returncode == 0
+    return bool(probe(netns, "ping", "--src", src, "--dst", dst, "--timeout", "1")["ok"])

@@ -20,6 +20,7 @@ from controller_harness import (
     restart,
     running_controller,
     stop,
+    watch_during,
 )
 
 from stockade.lab.topology import Lab
@@ -61,43 +62,16 @@ def test_ban_drops_one_client_and_not_another_then_unban(lab: Lab, ctl: RunningC
 
 
 def test_ban_takes_effect_within_100ms(lab: Lab, ctl: RunningController) -> None:
-    import json
-    import subprocess
-    import sys
+    moments: dict[str, float] = {}
 
-    from controller_harness import PROBES
-
-    from stockade.lab.netns_exec import popen_in_netns
-
-    watcher = popen_in_netns(
-        lab.client_ns,
-        [
-            sys.executable,
-            str(PROBES),
-            "watch",
-            C1,
-            UP4,
-            str(PORT),
-            "--seconds",
-            "2.5",
-            "--interval",
-            "0.005",
-            "--timeout",
-            "0.05",
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
+    def ban_now() -> None:
         time.sleep(1.0)
-        asked = time.monotonic()
+        moments["asked"] = time.monotonic()
         ctl.api("ban", target=C1)
-        acked = time.monotonic()
-        out, _ = watcher.communicate(timeout=30)
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
-    attempts = json.loads(out)
+        moments["acked"] = time.monotonic()
+
+    attempts = watch_during(lab.client_ns, C1, UP4, PORT, 2.5, 0.005, ban_now)
+    asked, acked = moments["asked"], moments["acked"]
     assert any(ok for start, ok in attempts if start < asked), "client never got through before"
     after = [(start, ok) for start, ok in attempts if start >= acked]
     assert after, "no attempt after the ban"
@@ -153,7 +127,10 @@ def test_syn_flood_is_cut_to_the_rate_while_another_source_connects(
     ) as ctl:
         before = ctl.counters()
         flood = probe(
-            lab.client_ns, "synflood", C4, UP4, str(PORT), "--count", "3000", "--seconds", "3"
+            lab.client_ns,
+            "synflood",
+            *("--src", C4, "--dst", UP4, "--port", str(PORT), "--count", "3000"),
+            *("--duration", "3"),
         )
         after = ctl.counters()
         dropped = after["drop_rate"] - before["drop_rate"]
@@ -193,42 +170,13 @@ def test_kill9_keeps_bans_and_restart_agrees(lab: Lab, ctl: RunningController) -
 
 
 def test_no_window_during_restart(lab: Lab, ctl: RunningController) -> None:
-    import json
-    import subprocess
-    import sys
-
-    from controller_harness import PROBES
-
-    from stockade.lab.netns_exec import popen_in_netns
-
     ctl.cli("ban", C1)
-    watcher = popen_in_netns(
-        lab.client_ns,
-        [
-            sys.executable,
-            str(PROBES),
-            "watch",
-            C1,
-            UP4,
-            str(PORT),
-            "--seconds",
-            "12",
-            "--interval",
-            "0.01",
-            "--timeout",
-            "0.05",
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
+
+    def restart_controller() -> None:
         stop(ctl.proc)
         restart(ctl)
-        out, _ = watcher.communicate(timeout=60)
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
-    attempts = json.loads(out)
+
+    attempts = watch_during(lab.client_ns, C1, UP4, PORT, 12, 0.01, restart_controller)
     assert len(attempts) > 20
     assert not any(ok for _, ok in attempts), "a banned client got through during the restart"
 
