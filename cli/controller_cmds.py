@@ -12,7 +12,10 @@ from stockade.controller import loader, xdp_attach
 from stockade.controller.daemon import lock_pin_dir, program_settings, run
 
 
-@click.group(help="The privileged controller: XDP program, maps, ban store, control API.")
+@click.group(
+    help="The privileged controller: XDP program, maps, ban store, control API.",
+    epilog="Example:\n\n  stockade controller run --config /etc/stockade/stockade.toml",
+)
 def controller() -> None:
     pass
 

@@ -64,6 +64,7 @@ class BanStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
+            self._db.close()
             raise RuntimeError(
                 f"{path} was written by a newer stockade (schema {version}); upgrade stockade"
             )

@@ -43,7 +43,7 @@ TARGET = Param("target", "target", "IPv4/IPv6 address or CIDR prefix", required=
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         "ban",
-        "stockade ban TARGET [--ttl 1h] [--reason TEXT]",
+        "stockade ban TARGET [--ttl 1h] [--reason TEXT] [--json]",
         "Drop all traffic from TARGET in the kernel, until the TTL runs out or forever.",
         (
             TARGET,
@@ -52,7 +52,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
             Param("source", "text", "who decided: cli, proxy, cluster or rule (default cli)"),
         ),
     ),
-    CommandSpec("unban", "stockade unban TARGET", "Lift the ban on TARGET.", (TARGET,)),
+    CommandSpec("unban", "stockade unban TARGET [--json]", "Lift the ban on TARGET.", (TARGET,)),
     CommandSpec(
         "bans",
         "stockade bans [--json]",
@@ -60,13 +60,13 @@ COMMANDS: tuple[CommandSpec, ...] = (
     ),
     CommandSpec(
         "allow.add",
-        "stockade allow add TARGET [--reason TEXT]",
+        "stockade allow add TARGET [--reason TEXT] [--json]",
         "Always pass TARGET, even if it is banned.",
         (TARGET, Param("reason", "text", "why (at most 200 characters)")),
     ),
     CommandSpec(
         "allow.remove",
-        "stockade allow remove TARGET",
+        "stockade allow remove TARGET [--json]",
         "Remove TARGET from the allowlist.",
         (TARGET,),
     ),
@@ -148,3 +148,66 @@ def decode_request(line: bytes) -> tuple[CommandSpec, dict[str, Any]]:
         if not isinstance(value, str):
             raise CommandError(BAD_INPUT, f"{spec.name}: {param.name} must be a string")
     return spec, args
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown() -> str:
+    """docs/control-api.md, generated from the command table (a unit test keeps them equal).
+
+    Regenerate with `python -m stockade.protocol > docs/control-api.md`.
+    """
+    lines = [
+        "# Control API",
+        "",
+        "<!-- Generated from stockade/protocol.py by render_markdown(); do not edit.",
+        "     Regenerate: python -m stockade.protocol > docs/control-api.md -->",
+        "",
+        "The controller serves this API on a unix socket (default",
+        "`/run/stockade/control.sock`, mode 0600, root only). The `stockade` CLI is a client",
+        "of it; every command below is also a CLI command.",
+        "",
+        f"Protocol version {PROTOCOL_VERSION}. One JSON object per line (UTF-8, at most",
+        f"{MAX_LINE} bytes), one reply line per request; a connection may carry several.",
+        "",
+        "```",
+        'request: {"command": "ban", "args": {"target": "198.18.0.7", "ttl": "1h"}}',
+        'reply:   {"ok": true, "result": ...}',
+        'error:   {"ok": false, "error": {"kind": "bad_input", "message": "...", "hint": "..."}}',
+        "```",
+        "",
+        "Every argument is a JSON string; `args` may be omitted when a command takes none.",
+        "An unknown command, an unknown or missing argument, or a value that is not a string",
+        "is refused with `bad_input` and changes nothing. The results are described in",
+        "[cli-json.md](cli-json.md): the CLI's `--json` prints them as they arrive.",
+        "",
+        "## Error kinds",
+        "",
+        "| kind | CLI exit code | meaning |",
+        "|---|---|---|",
+    ]
+    meanings = {
+        BAD_INPUT: "the request is invalid; nothing was changed",
+        NOT_FOUND: "the target is not banned or not in the allowlist; nothing was changed",
+        RUNTIME: "the controller could not do it (map full, store error, internal error)",
+    }
+    lines += [f"| `{kind}` | {code} | {meanings[kind]} |" for kind, code in EXIT_CODES.items()]
+    lines += ["", "## Commands", ""]
+    for spec in COMMANDS:
+        lines += [f"### `{spec.name}`", "", spec.help, "", f"CLI: `{spec.usage}`", ""]
+        if not spec.params:
+            lines += ["Arguments: none.", ""]
+            continue
+        lines += ["| argument | kind | required | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"| `{p.name}` | {p.kind} | {'yes' if p.required else 'no'} | {_cell(p.help)} |"
+            for p in spec.params
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")
