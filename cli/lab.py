@@ -34,7 +34,7 @@ def _check_prefix(prefix: str | None) -> None:
         _run(lambda: topology.check_prefix(prefix))
 
 
-@click.group("lab")
+@click.group("lab", epilog="Examples:\n\n  stockade lab up\n\n  stockade lab down --all")
 def lab_group() -> None:
     """Throwaway network namespaces: client, gateway (XDP) and upstream API.
 
@@ -51,7 +51,10 @@ def lab_group() -> None:
     """
 
 
-@lab_group.command("up")
+@lab_group.command(
+    "up",
+    epilog="Examples:\n\n  stockade lab up\n\n  stockade lab up --prefix demo1 --json",
+)
 @click.option("--prefix", help="Name prefix, 1-8 of a-z 0-9 (default: a fresh stkXXXX).")
 @click.option("--no-upstream", is_flag=True, help="Do not start the upstream HTTP API.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lab as JSON.")
@@ -84,7 +87,10 @@ def up_command(prefix: str | None, no_upstream: bool, as_json: bool) -> None:
     )
 
 
-@lab_group.command("down")
+@lab_group.command(
+    "down",
+    epilog="Examples:\n\n  stockade lab down --prefix demo1\n\n  stockade lab down --all",
+)
 @click.option("--prefix", help="Remove the lab with this prefix.")
 @click.option("--all", "all_", is_flag=True, help="Remove every lab recorded in the state dir.")
 def down_command(prefix: str | None, all_: bool) -> None:
@@ -101,7 +107,7 @@ def down_command(prefix: str | None, all_: bool) -> None:
         click.echo("nothing to remove")
 
 
-@lab_group.command("status")
+@lab_group.command("status", epilog="Example:\n\n  stockade lab status --json")
 @click.option("--json", "as_json", is_flag=True, help="Print the labs as JSON.")
 def status_command(as_json: bool) -> None:
     """List the labs recorded in the state dir and whether their parts exist."""

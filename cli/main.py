@@ -198,7 +198,7 @@ def allow_add(ctx: Context, target: str, reason: str | None, as_json: bool) -> N
     if as_json:
         output.emit_json(result)
         return
-    click.echo(f"added: {result['target']} always passes")
+    click.echo(f"{result['status']}: {result['target']} always passes")
     if result["shadowed_bans"]:
         click.echo(f"note: these bans no longer apply: {', '.join(result['shadowed_bans'])}")
 

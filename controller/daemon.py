@@ -35,6 +35,7 @@ from stockade.controller.maps import BpfMaps, RuntimeSettings
 from stockade.controller.service import BanService
 from stockade.controller.store import BanStore
 from stockade.protocol import (
+    BAD_INPUT,
     MAX_LINE,
     RUNTIME,
     CommandError,
@@ -288,7 +289,12 @@ class Controller:
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), CLIENT_IDLE_TIMEOUT)
-                except (TimeoutError, ValueError):  # idle, or a line over the limit
+                except TimeoutError:  # idle client
+                    break
+                except ValueError:  # a line over the limit: answer, then hang up
+                    error = CommandError(BAD_INPUT, f"request longer than {MAX_LINE} bytes")
+                    writer.write(error.to_wire_bytes())
+                    await writer.drain()
                     break
                 if not line:
                     break

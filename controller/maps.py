@@ -78,8 +78,7 @@ class BpfMaps:
         # already present is answered from this set; its size is the count
         # that lets the program skip an empty trie.
         self._trie_keys: dict[str, set[Network]] = {
-            name: {self._net_of(name, key) for key in self._t[name]}
-            for name in TRIES
+            name: {self._net_of(name, key) for key in self._t[name]} for name in TRIES
         }
         current = self._t["config"][ctypes.c_uint32(0)]
         self._settings = RuntimeSettings(

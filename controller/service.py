@@ -259,6 +259,13 @@ class BanService:
     def allow_add(self, target: str, reason: str | None = None) -> dict[str, Any]:
         net = _target(target)
         why = _reason(reason, "manual allow")
+        if net in self.management:
+            raise CommandError(
+                BAD_INPUT,
+                f"{format_target(net)} is already allowed as a management network in the config",
+                "nothing to do",
+            )
+        existed = any(a.target == net for a in self.store.allows())
         allow = Allow(net, why, self.clock.wall())
         try:
             with self.store.transaction():
@@ -270,7 +277,8 @@ class BanService:
             ) from None
         shadowed = [format_target(b.target) for b in self.store.bans() if covers(net, b.target)]
         log.info("allow %s (%s)", format_target(net), why)
-        return {"target": format_target(net), "status": "added", "shadowed_bans": shadowed}
+        status = "updated" if existed else "added"
+        return {"target": format_target(net), "status": status, "shadowed_bans": shadowed}
 
     def allow_remove(self, target: str) -> dict[str, Any]:
         net = _target(target)

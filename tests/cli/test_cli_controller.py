@@ -6,13 +6,14 @@ and the kernel maps exactly as they were.
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MANAGEMENT, Controller, one_line_error, run_stockade
+from cli_harness import MANAGEMENT, Controller, one_line_error, run_stockade
 
 from stockade import __version__
 from stockade.controller import layout
@@ -341,3 +342,19 @@ def test_bans_survive_a_restart_and_the_kernel_keeps_them_meanwhile(ctl: Control
     assert listed["198.18.0.77"]["expires"] == ttl["expires"]
     # reconcile found the maps right and left them alone (same expiry)
     assert {name: ctl.dump_map(name) for name in kernel_before} == kernel_before
+
+
+def test_an_overlong_request_gets_an_error_reply_not_a_silent_hangup(ctl: Controller) -> None:
+    import socket as socketlib
+
+    from stockade.protocol import MAX_LINE
+
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(ctl.socket))
+        sock.sendall(b'{"command": "bans", "args": {"x": "' + b"a" * (MAX_LINE + 10) + b'"}}\n')
+        reply = json.loads(sock.makefile("rb").readline())
+    assert reply["ok"] is False
+    assert reply["error"]["kind"] == "bad_input"
+    assert "longer than" in reply["error"]["message"]
+    assert ctl.api("bans") == []  # the controller still serves

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 import pytest
+from cli_harness import one_line_error, run_stockade
 from click.testing import CliRunner
-from conftest import one_line_error, run_stockade
 
 from stockade import __version__
 from stockade.cli.main import cli
@@ -25,7 +25,7 @@ def all_commands(
 
 
 # `stockade lab` (cli/lab.py) is the lab's own tool and tested with the lab.
-COMMAND_PATHS = [path for path, _ in all_commands(cli) if path[0] != "lab"]
+COMMAND_PATHS = [path for path, _ in all_commands(cli)]
 
 
 def test_the_walk_finds_the_commands() -> None:

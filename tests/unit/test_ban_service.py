@@ -291,7 +291,10 @@ def test_allow_map_full_rolls_back_the_store(world: World) -> None:
 def test_allow_list_shows_management_networks_first(world: World) -> None:
     world.service.reconcile()
     world.service.allow_add("fd00:9::/64", reason="lab")
-    world.service.allow_add("198.18.200.0/24", reason="duplicate of the config")
+    with pytest.raises(CommandError, match="already allowed as a management network") as err:
+        world.service.allow_add("198.18.200.0/24", reason="duplicate of the config")
+    assert err.value.kind == BAD_INPUT
+    assert [a.target for a in world.store.allows()] == [net("fd00:9::/64")]
     rows = world.service.allow_list()
     assert [(r["target"], r["source"], r["reason"]) for r in rows] == [
         ("198.18.200.0/24", "config", "management network (config)"),
@@ -299,6 +302,12 @@ def test_allow_list_shows_management_networks_first(world: World) -> None:
         ("fd00:9::/64", "cli", "lab"),
     ]
     assert all(r["packets"] == 0 and r["bytes"] == 0 for r in rows)
+
+
+def test_allow_add_again_reports_updated(world: World) -> None:
+    assert world.service.allow_add("fd00:9::/64", reason="lab")["status"] == "added"
+    assert world.service.allow_add("fd00:9::/64", reason="lab 2")["status"] == "updated"
+    assert [(a.target, a.reason) for a in world.store.allows()] == [(net("fd00:9::/64"), "lab 2")]
 
 
 # -- reconcile ----------------------------------------------------------------------
