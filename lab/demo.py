@@ -17,10 +17,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
-from stockade.cli.client import call
+from stockade.cli.client import ControllerUnavailable, wait_until_serving
 from stockade.lab import probe, topology
 
 STOCKADE = [sys.executable, "-m", "stockade.cli.main"]
@@ -75,21 +74,6 @@ def write_config(tmp: Path, lab: topology.Lab) -> Path:
     return path
 
 
-def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the controller exited early:\n{log.read_text()}")
-        if sock.exists():
-            try:
-                call(sock, "status")
-                return
-            except Exception:
-                pass
-        time.sleep(0.1)
-    raise SystemExit(f"the controller did not start within 60 s:\n{log.read_text()}")
-
-
 def demo(lab: topology.Lab, tmp: Path) -> None:
     config = write_config(tmp, lab)
     cli = [*STOCKADE, "--config", str(config)]
@@ -107,7 +91,10 @@ def demo(lab: topology.Lab, tmp: Path) -> None:
     with log.open("wb") as out:
         proc = subprocess.Popen([*cli, "controller", "run"], stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_socket(tmp / "control.sock", proc, log)
+        try:
+            wait_until_serving(tmp / "control.sock", proc, timeout=60)
+        except ControllerUnavailable as exc:
+            raise SystemExit(f"{exc.message}:\n{log.read_text()}") from None
         show(config, "status")
 
         say("Both clients reach the upstream through the gateway:")

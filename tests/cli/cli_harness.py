@@ -15,14 +15,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from stockade.cli.client import call
+from stockade.cli.client import ControllerUnavailable, call, wait_until_serving
 from stockade.config import load_config
 from stockade.controller import loader
 from stockade.controller.daemon import program_settings
@@ -124,16 +123,13 @@ class Controller:
                 stderr=subprocess.STDOUT,
                 env=stockade_env(),
             )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket.exists():
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.proc = None
-                pytest.fail(f"the controller exited with {code} at start:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
+        try:
+            wait_until_serving(self.socket, self.proc, START_TIMEOUT)
+        except ControllerUnavailable as exc:
+            if self.proc.poll() is None:
                 self.kill()
-                pytest.fail(f"no control socket after {START_TIMEOUT:.0f}s:\n{self.log_tail()}")
-            time.sleep(0.05)  # polling for the socket, not waiting out a time window
+            self.proc = None
+            pytest.fail(f"{exc.message}:\n{self.log_tail()}")
 
     def stop(self) -> int:
         """SIGTERM by PID; returns the exit code."""

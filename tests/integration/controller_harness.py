@@ -8,14 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stockade.cli.client import call
+from stockade.cli.client import ControllerUnavailable, call, wait_until_serving
 from stockade.lab.netns_exec import popen_in_netns, python_argv, run_in_netns
 
 STOCKADE = [sys.executable, "-m", "stockade.cli.main"]
@@ -83,16 +82,10 @@ def start(config_path: Path, log_path: Path, *extra: str) -> subprocess.Popen[by
 
 
 def wait_ready(socket_path: Path, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"controller exited {proc.returncode}:\n{log_path.read_text()}")
-        if socket_path.exists():
-            with suppress(Exception):
-                call(socket_path, "status")
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"controller not ready after 30 s:\n{log_path.read_text()}")
+    try:
+        wait_until_serving(socket_path, proc, timeout=30)
+    except ControllerUnavailable as exc:
+        raise AssertionError(f"{exc.message}:\n{log_path.read_text()}") from None
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
