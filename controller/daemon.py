@@ -48,6 +48,7 @@ log = logging.getLogger("stockade.controller")
 CLIENT_IDLE_TIMEOUT = 30.0
 EVENT_POLL_INTERVAL = 0.2
 RECENT_EVENTS = 100
+EVENT_LOGS_PER_SECOND = 10
 
 
 class StartupError(RuntimeError):
@@ -104,6 +105,9 @@ class ControllerState:
     started: float = field(default_factory=time.time)
     syn_events: int = 0
     recent: deque[RateBreach] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    log_second: int = 0  # the second the counts below belong to
+    logged: int = 0
+    unlogged: int = 0
 
 
 class Controller:
@@ -167,6 +171,10 @@ class Controller:
             report.removed,
             report.failed,
         )
+        if not self.config.xdp.interfaces:
+            log.warning(
+                "no interfaces in xdp.interfaces: the program is loaded but filters nothing"
+            )
         for ifname in self.config.xdp.interfaces:
             try:
                 state = xdp_attach.attach(ifname, self.program.fd, self.mode)
@@ -186,7 +194,18 @@ class Controller:
             source = f"{ipaddress.IPv6Address(raw)}/{self.config.xdp.ipv6_rate_prefix}"
         self.state.syn_events += 1
         self.state.recent.append(RateBreach(source, int(event.dropped), time.time()))
-        log.warning("SYN rate exceeded by %s: %d SYNs dropped so far", source, event.dropped)
+        # The kernel sends one event per source per second; a flood from many
+        # sources must not become a flood of log lines.
+        second = int(time.monotonic())
+        if second != self.state.log_second:
+            if self.state.unlogged:
+                log.warning("SYN rate exceeded by %d more sources", self.state.unlogged)
+            self.state.log_second, self.state.logged, self.state.unlogged = second, 0, 0
+        if self.state.logged < EVENT_LOGS_PER_SECOND:
+            self.state.logged += 1
+            log.warning("SYN rate exceeded by %s: %d SYNs dropped so far", source, event.dropped)
+        else:
+            self.state.unlogged += 1
         return 0
 
     # -- control API --------------------------------------------------------
