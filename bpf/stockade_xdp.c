@@ -194,9 +194,19 @@ static __always_inline int is_syn(struct cursor *c)
 	return tcp->syn && !tcp->ack;
 }
 
-static __always_inline int ban_active(const struct ban_value *ban, __u64 now)
+/* bpf_ktime_get_ns() costs about half of a passing packet's budget (see
+ * bench/README.md), so it is read at most once, and only when a decision
+ * needs it: an expiring ban that matched, or a SYN. */
+static __always_inline __u64 clock_now(__u64 *now)
 {
-	return ban->expires_ns == 0 || ban->expires_ns > now;
+	if (!*now)
+		*now = bpf_ktime_get_ns();
+	return *now;
+}
+
+static __always_inline int ban_active(const struct ban_value *ban, __u64 *now)
+{
+	return ban->expires_ns == 0 || ban->expires_ns > clock_now(now);
 }
 
 static __always_inline void hit_ban(struct ban_value *ban, __u64 bytes)
@@ -240,7 +250,7 @@ static __always_inline int allowed(const struct stockade_config *cfg, const stru
 /* Exact entry first, then the longest prefix; each result is tested on its
  * own (the verifier rejects arithmetic on two map-value pointers). */
 static __always_inline int banned(const struct stockade_config *cfg, const struct packet *pkt,
-				  __u64 now, __u64 bytes)
+				  __u64 *now, __u64 bytes)
 {
 	struct ban_value *ban;
 
@@ -319,11 +329,12 @@ static __always_inline void report_rate(const struct rate_key *key, __u64 droppe
 
 /* Token bucket per source; 1 if this SYN is over the rate. */
 static __always_inline int syn_over_rate(const struct stockade_config *cfg,
-					 const struct packet *pkt, __u64 now)
+					 const struct packet *pkt, __u64 *clock)
 {
 	if (!cfg->syn_rate)
 		return 0;
 
+	__u64 now = clock_now(clock);
 	struct rate_key key = {};
 	rate_key_of(cfg, pkt, &key);
 	__u64 cap = cfg->syn_burst * NS_PER_SEC;
@@ -387,8 +398,8 @@ static __always_inline __u32 classify(struct xdp_md *ctx, const struct stockade_
 
 	if (allowed(cfg, &pkt, bytes))
 		return REASON_ALLOW;
-	__u64 now = bpf_ktime_get_ns();
-	if (banned(cfg, &pkt, now, bytes))
+	__u64 now = 0; /* read lazily by clock_now() */
+	if (banned(cfg, &pkt, &now, bytes))
 		return REASON_DROP_BAN;
 	if (pkt.l4proto != IPPROTO_TCP)
 		return REASON_PASS;
@@ -396,7 +407,7 @@ static __always_inline __u32 classify(struct xdp_md *ctx, const struct stockade_
 	int syn = is_syn(&c);
 	if (syn < 0)
 		return REASON_MALFORMED;
-	if (syn && syn_over_rate(cfg, &pkt, now))
+	if (syn && syn_over_rate(cfg, &pkt, &now))
 		return REASON_DROP_RATE;
 	return REASON_PASS;
 }
