@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stockade.durations import DurationError, parse_duration
+from stockade.config_fields import ConfigError, Section
+
+__all__ = ["Config", "ConfigError", "ControllerConfig", "XdpConfig", "load_config", "parse_config"]
 from stockade.targets import Network, TargetError, parse_target
 
 DEFAULT_PATH = Path("/etc/stockade/stockade.toml")
@@ -22,10 +24,6 @@ ENV_PATH = "STOCKADE_CONFIG"
 XDP_MODES = ("auto", "native", "generic")
 _IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
 _NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -68,75 +66,7 @@ class Config:
     path: Path | None = None
 
 
-class _Section:
-    """Reads one table, remembering which keys were used."""
-
-    def __init__(self, name: str, table: Any) -> None:
-        if not isinstance(table, dict):
-            raise ConfigError(f"[{name}] must be a table")
-        self.name = name
-        self.table: dict[str, Any] = table
-        self.known: set[str] = set()
-
-    def key(self, key: str) -> str:
-        return f"{self.name}.{key}"
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self.known.add(key)
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        # bool is an int in Python; never accept it where a number is meant
-        if isinstance(value, bool) and kind is not bool:
-            raise ConfigError(f"{self.key(key)}: expected {_kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise ConfigError(
-                f"{self.key(key)}: expected {_kind_name(kind)}, got {type(value).__name__}"
-            )
-        return value
-
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value: int = self.get(key, int, default)
-        if not low <= value <= high:
-            raise ConfigError(f"{self.key(key)}: {value} is out of range ({low}..{high})")
-        return value
-
-    def duration(self, key: str, default: float) -> float:
-        value = self.get(key, str, None)
-        if value is None:
-            return default
-        try:
-            return float(parse_duration(value))
-        except DurationError as exc:
-            raise ConfigError(f"{self.key(key)}: {exc}") from None
-
-    def path(self, key: str, default: Path) -> Path:
-        value = self.get(key, str, None)
-        if value is None:
-            return default
-        if not value.startswith("/"):
-            raise ConfigError(f"{self.key(key)}: must be an absolute path, got {value!r}")
-        return Path(value)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.table) - self.known)
-        if unknown:
-            raise ConfigError(_unknown_message(self.name + ".", unknown[0], self.known))
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _unknown_message(prefix: str, key: str, known: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-    return f"unknown key {prefix}{key}{hint}"
-
-
-def _controller(section: _Section) -> ControllerConfig:
+def _controller(section: Section) -> ControllerConfig:
     netns = section.get("netns", str, "") or None
     if netns is not None and not _NETNS.fullmatch(netns):
         raise ConfigError(f"{section.key('netns')}: invalid namespace name {netns!r}")
@@ -158,7 +88,7 @@ def _controller(section: _Section) -> ControllerConfig:
     return config
 
 
-def _xdp(section: _Section) -> XdpConfig:
+def _xdp(section: Section) -> XdpConfig:
     d = XdpConfig()
     interfaces = section.get("interfaces", list, [])
     for name in interfaces:
@@ -205,8 +135,8 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         hint = f"; did you mean [{close[0]}]?" if close else ""
         raise ConfigError(f"unknown section [{unknown[0]}]{hint}")
     return Config(
-        controller=_controller(_Section("controller", data.get("controller", {}))),
-        xdp=_xdp(_Section("xdp", data.get("xdp", {}))),
+        controller=_controller(Section("controller", data.get("controller", {}))),
+        xdp=_xdp(Section("xdp", data.get("xdp", {}))),
         path=path,
     )
 
