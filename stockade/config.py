@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stockade.config_fields import ConfigError, Section
+from stockade.proxy.settings import ProxyConfig, parse_proxy
 
 __all__ = ["Config", "ConfigError", "ControllerConfig", "XdpConfig", "load_config", "parse_config"]
 from stockade.targets import Network, TargetError, parse_target
@@ -63,6 +64,7 @@ class XdpConfig:
 class Config:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     xdp: XdpConfig = field(default_factory=XdpConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     path: Path | None = None
 
 
@@ -125,7 +127,7 @@ def _xdp(section: Section) -> XdpConfig:
     return config
 
 
-_SECTIONS = ("controller", "xdp")
+_SECTIONS = ("controller", "xdp", "proxy")
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
@@ -137,6 +139,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     return Config(
         controller=_controller(Section("controller", data.get("controller", {}))),
         xdp=_xdp(Section("xdp", data.get("xdp", {}))),
+        proxy=parse_proxy(Section("proxy", data.get("proxy", {}))),
         path=path,
     )
 
