@@ -161,7 +161,7 @@ def test_unknown_key_without_a_close_match_has_no_guess() -> None:
     [
         ({"xpd": {}}, "unknown section [xpd]; did you mean [xdp]?"),
         ({"controler": {}}, "unknown section [controler]; did you mean [controller]?"),
-        ({"proxy": {}}, "unknown section [proxy]"),
+        ({"proxxy": {}}, "unknown section [proxxy]; did you mean [proxy]?"),
     ],
 )
 def test_unknown_section(data: dict[str, Any], expected: str) -> None:
