@@ -165,7 +165,7 @@ class BanService:
         source: str | None = None,
     ) -> dict[str, Any]:
         net = _target(target)
-        seconds: int | None = None
+        seconds: float | None = None
         if ttl is not None:
             try:
                 seconds = parse_duration(ttl, maximum=MAX_TTL)

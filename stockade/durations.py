@@ -1,27 +1,27 @@
-"""Durations as operators write them: `90s`, `15m`, `1h`, `7d`, `1h30m`."""
+"""Durations as operators write them: `90s`, `15m`, `1h`, `7d`, `1h30m`, `250ms`."""
 
 from __future__ import annotations
 
 import re
 
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_PART = re.compile(r"(\d+)([smhdw])")
-_WHOLE = re.compile(r"(?:\d+[smhdw])+")
+UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_PART = re.compile(r"(\d+)(ms|[smhdw])")
+_WHOLE = re.compile(r"(?:\d+(?:ms|[smhdw]))+")
 
 
 class DurationError(ValueError):
     pass
 
 
-def parse_duration(text: str, *, maximum: int | None = None) -> int:
-    """Seconds in a duration such as `90s` or `1h30m`; it must be > 0."""
+def parse_duration(text: str, *, maximum: int | None = None) -> float:
+    """Seconds in a duration such as `90s`, `1h30m` or `250ms`; it must be > 0."""
     raw = text.strip().lower()
     if not _WHOLE.fullmatch(raw):
         raise DurationError(
-            f"invalid duration {text!r}: use a number and a unit (s, m, h, d, w), "
+            f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d, w), "
             "e.g. 90s, 15m, 1h, 7d"
         )
-    seconds = sum(int(n) * UNITS[unit] for n, unit in _PART.findall(raw))
+    seconds = float(sum(int(n) * UNITS[unit] for n, unit in _PART.findall(raw)))
     if seconds <= 0:
         raise DurationError(f"invalid duration {text!r}: must be longer than 0s")
     if maximum is not None and seconds > maximum:

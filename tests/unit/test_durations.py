@@ -64,3 +64,13 @@ def test_format_round_trips() -> None:
 
 def test_format_clamps_negative_to_zero() -> None:
     assert format_duration(-5) == "0s"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("1s500ms", 1.5), ("1000ms", 1.0)])
+def test_milliseconds_for_short_intervals(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_zero_milliseconds_is_refused() -> None:
+    with pytest.raises(DurationError, match="longer than 0s"):
+        parse_duration("0ms")
