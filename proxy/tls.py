@@ -1,0 +1,209 @@
+"""TLS termination: one server context, several certificates chosen by SNI, reload on SIGHUP.
+
+The listening socket gets `ServerTls.context`, which holds the protocol settings but no
+certificate. Its `sni_callback` runs for every handshake (also when the client sends no
+server name) and moves the connection to the per-certificate context that matches the name,
+or to the first certificate when none matches. `reload()` builds a new table of contexts
+from the files and swaps it in one assignment, only when every file loaded; connections that
+are already established keep the context they shook hands with.
+
+Policy: a file that is missing, unreadable, not PEM, or a key that does not match its
+certificate is refused with `TlsConfigError`; an expired (or not yet valid) certificate is
+served with a warning in the log, so an operator who forgot to renew gets a warning, not an
+outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from stockade.proxy.settings import Certificate
+
+log = logging.getLogger("stockade.proxy")
+
+# TLS 1.2 suites: forward-secret key exchange and AEAD only (no CBC, no static RSA key
+# exchange). TLS 1.3 suites are all AEAD and are left at OpenSSL's defaults.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+ALPN_PROTOCOLS = ("http/1.1",)
+
+Clock = Callable[[], datetime]
+
+
+class TlsConfigError(ValueError):
+    """A certificate or key that cannot be served; the message names the file."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _settings(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    return context
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TlsConfigError(f"{what} {path}: file not found") from None
+    except IsADirectoryError:
+        raise TlsConfigError(f"{what} {path}: is a directory, not a file") from None
+    except PermissionError:
+        raise TlsConfigError(
+            f"{what} {path}: permission denied; the proxy's user (after dropping privileges,"
+            " for reloads) must be able to read it"
+        ) from None
+    except OSError as exc:
+        raise TlsConfigError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+
+
+def _refuse_password() -> bytes:
+    # load_cert_chain would otherwise prompt on the terminal for an encrypted key.
+    raise ValueError("the key is encrypted")
+
+
+def _dns_names(cert: x509.Certificate) -> list[str]:
+    """The certificate's DNS subject alternative names, or its common name without any."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = [str(n) for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+            value = attribute.value
+            names.append(value if isinstance(value, str) else value.decode("ascii", "replace"))
+    return [n.lower().rstrip(".") for n in names if n]
+
+
+def _validity(cert: x509.Certificate) -> tuple[datetime, datetime]:
+    # cryptography >= 42 has timezone-aware *_utc attributes and deprecates the naive ones.
+    before, after = (
+        getattr(cert, "not_valid_before_utc", None),
+        getattr(cert, "not_valid_after_utc", None),
+    )
+    if isinstance(before, datetime) and isinstance(after, datetime):
+        return before, after
+    return cert.not_valid_before.replace(tzinfo=UTC), cert.not_valid_after.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    certificate: Certificate
+    context: ssl.SSLContext
+    names: tuple[str, ...]
+
+
+def _load(certificate: Certificate, now: datetime) -> _Loaded:
+    cert_path, key_path = certificate.cert, certificate.key
+    cert_pem = _read(cert_path, "certificate")
+    key_pem = _read(key_path, "private key")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise TlsConfigError(f"certificate {cert_path}: not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:  # the key is encrypted
+        raise TlsConfigError(
+            f"private key {key_path}: encrypted with a passphrase; store it unencrypted"
+        ) from None
+    except ValueError:
+        raise TlsConfigError(f"private key {key_path}: not a PEM private key") from None
+    except UnsupportedAlgorithm:
+        raise TlsConfigError(f"private key {key_path}: unsupported key algorithm") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise TlsConfigError(f"private key {key_path}: does not match certificate {cert_path}")
+
+    not_before, not_after = _validity(cert)
+    if now > not_after:
+        log.warning("certificate %s expired on %s; renew it", cert_path, not_after.isoformat())
+    elif now < not_before:
+        log.warning("certificate %s is not valid before %s", cert_path, not_before.isoformat())
+
+    context = _settings(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    try:
+        context.load_cert_chain(cert_path, key_path, password=_refuse_password)
+    except (ssl.SSLError, OSError, ValueError) as exc:  # the files changed since we read them
+        raise TlsConfigError(f"certificate {cert_path}: OpenSSL refused it ({exc})") from None
+    return _Loaded(certificate, context, tuple(_dns_names(cert)))
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Per-certificate contexts by server name; the first certificate is the default."""
+
+    default: _Loaded
+    exact: dict[str, _Loaded]
+    wildcard: dict[str, _Loaded]  # "example.com" for a certificate naming "*.example.com"
+
+    @classmethod
+    def build(cls, loaded: Sequence[_Loaded]) -> _Table:
+        exact: dict[str, _Loaded] = {}
+        wildcard: dict[str, _Loaded] = {}
+        for item in loaded:
+            for name in item.names:
+                if name.startswith("*."):
+                    wildcard.setdefault(name[2:], item)
+                elif "*" not in name:  # partial wildcards such as "f*.example.com": ignored
+                    exact.setdefault(name, item)
+        return cls(loaded[0], exact, wildcard)
+
+    def lookup(self, server_name: str | None) -> _Loaded:
+        if not server_name:
+            return self.default
+        name = server_name.lower().rstrip(".")
+        found = self.exact.get(name)
+        if found is None and "." in name:
+            found = self.wildcard.get(name.split(".", 1)[1])  # "*" stands for one label
+        return found or self.default
+
+
+class ServerTls:
+    """The TLS side of one HTTPS listener."""
+
+    def __init__(self, certificates: Sequence[Certificate], clock: Clock = _utcnow) -> None:
+        self._certificates = tuple(certificates)
+        self._clock = clock
+        self._table = self._build()
+        self.context = _settings(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        self.context.sni_callback = self._select
+
+    def _build(self) -> _Table:
+        if not self._certificates:
+            raise TlsConfigError("no certificates: an HTTPS listener needs a cert and a key")
+        now = self._clock()
+        return _Table.build([_load(c, now) for c in self._certificates])
+
+    def _select(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: object
+    ) -> None:
+        connection.context = self._table.lookup(server_name).context
+
+    def reload(self) -> None:
+        """Re-read every file; swap them in only if all load, else raise and keep the old."""
+        self._table = self._build()
+
+    def names(self) -> dict[str, Path]:
+        """Server name (exact, or "*.example.com") -> certificate file, for status."""
+        table = self._table
+        names = {n: item.certificate.cert for n, item in table.exact.items()}
+        names.update({f"*.{n}": item.certificate.cert for n, item in table.wildcard.items()})
+        return names
