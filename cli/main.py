@@ -29,6 +29,7 @@ from stockade.cli.context import (
 )
 from stockade.cli.controller_cmds import controller, detach
 from stockade.cli.lab import lab_group
+from stockade.cli.proxy_cmds import proxy, run_all
 from stockade.config import ConfigError, load_config, resolve_path
 from stockade.controller.layout import reason_names
 from stockade.durations import DurationError, parse_duration
@@ -309,6 +310,8 @@ def check_config(ctx: Context) -> None:
 
 cli.add_command(controller)
 cli.add_command(detach)
+cli.add_command(proxy)
+cli.add_command(run_all)
 cli.add_command(lab_group, "lab")
 
 

@@ -11,7 +11,6 @@ from aiohttp import web
 
 from stockade.proxy.settings import Route
 
-CTX_KEY = "stockade.ctx"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Decisions, one per request, as logged and counted.
@@ -38,6 +37,9 @@ class RequestContext:
     bytes_out: int = 0
 
 
+CTX_KEY = web.RequestKey("stockade_ctx", RequestContext)
+
+
 def request_id_from(value: str | None) -> str:
     """Pass a well-formed X-Request-ID through; otherwise make a new one."""
     if value and _REQUEST_ID.fullmatch(value):
@@ -46,5 +48,4 @@ def request_id_from(value: str | None) -> str:
 
 
 def context(request: web.Request) -> RequestContext:
-    ctx: RequestContext = request[CTX_KEY]
-    return ctx
+    return request[CTX_KEY]

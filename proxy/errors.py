@@ -17,6 +17,7 @@ class Refusal(Exception):
         self.reason = reason
         self.message = message
         self.headers: dict[str, str] = {}
+        self.close_connection = False
 
 
 def error_response(

@@ -1,0 +1,27 @@
+"""The order of the request stages, in one place.
+
+    context -> framing -> path + route -> body limit -> [auth, WAF, rate limits] -> forward
+
+Each stage either passes the request on or raises a Refusal, which the
+context stage answers (JSON, with the request id), logs and counts.
+"""
+
+from __future__ import annotations
+
+from aiohttp.typedefs import Middleware
+
+from stockade.proxy.routing import Router
+from stockade.proxy.settings import ProxyConfig
+from stockade.proxy.stages import context as context_stage
+from stockade.proxy.stages.body_limit import body_limit_stage
+from stockade.proxy.stages.framing import framing_stage
+from stockade.proxy.stages.path import path_stage
+
+
+def stages(config: ProxyConfig, scheme: str, observe: context_stage.Observer) -> list[Middleware]:
+    return [
+        context_stage.make(config, scheme, observe),
+        framing_stage,
+        path_stage(Router(config.routes), config.max_url_length),
+        body_limit_stage,
+    ]

@@ -1,0 +1,1 @@
+"""Request pipeline stages, one module each; their order is in proxy/pipeline.py."""

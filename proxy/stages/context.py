@@ -1,0 +1,65 @@
+"""Stage 0: give every request its context, answer refusals, log and count.
+
+Outermost, so that every outcome - a refusal by any stage, an upstream
+error, a crash - gets a request id, a JSON error body and one access-log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from stockade.proxy.context import CTX_KEY, RequestContext, request_id_from
+from stockade.proxy.errors import Refusal, error_response
+from stockade.proxy.headers import client_ip, is_trusted
+from stockade.proxy.settings import ProxyConfig
+
+log = logging.getLogger("stockade.proxy")
+
+# Called once per finished request with its context and method (access log, metrics).
+Observer = Callable[[RequestContext, str], None]
+
+
+def make(config: ProxyConfig, scheme: str, observe: Observer) -> Middleware:
+    trusted = config.trusted_proxies
+
+    @web.middleware
+    async def context_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
+        peer = request.remote or "-"
+        peer_trusted = bool(trusted) and is_trusted(peer, trusted)
+        ctx = RequestContext(
+            request_id=request_id_from(request.headers.get("X-Request-ID")),
+            client_ip=client_ip(peer, request.headers.get("X-Forwarded-For"), trusted)
+            if peer_trusted
+            else peer,
+            peer_ip=peer,
+            peer_trusted=peer_trusted,
+            scheme=scheme,
+        )
+        request[CTX_KEY] = ctx
+        try:
+            response = await handler(request)
+        except Refusal as refusal:
+            ctx.decision, ctx.reason = refusal.decision, refusal.reason
+            response = error_response(
+                refusal.status, refusal.reason, refusal.message, ctx.request_id, refusal.headers
+            )
+            if refusal.close_connection:
+                response.force_close()
+        except web.HTTPException as exc:  # aiohttp's own (e.g. a bad request line)
+            ctx.decision, ctx.reason = "http", exc.reason
+            response = error_response(exc.status, "http_error", exc.reason, ctx.request_id)
+        except Exception:
+            log.exception("request %s failed", ctx.request_id)
+            ctx.decision, ctx.reason = "internal", "internal_error"
+            response = error_response(500, "internal_error", "internal error", ctx.request_id)
+        finally:
+            ctx.path = ctx.path or request.raw_path.split("?", 1)[0][:256]
+        ctx.status = response.status
+        observe(ctx, request.method)
+        return response
+
+    return context_stage

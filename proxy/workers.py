@@ -1,0 +1,299 @@
+"""`stockade proxy run`: a master process and N workers sharing the ports.
+
+The master binds one SO_REUSEPORT socket per worker and listener (as root, so
+low ports work), then forks the workers; each worker drops privileges and
+serves its own sockets. A worker that dies is replaced on the same sockets,
+so connections queued on them are not lost. SIGTERM drains: workers stop
+accepting, finish in-flight requests (up to drain_timeout) and exit. SIGHUP
+is passed on (workers reload their TLS certificates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from stockade.clock import SystemClock
+from stockade.config import Config
+from stockade.proxy.app import Gateway
+from stockade.proxy.limits import GuardedAppRunner, LimitCounters, handler_kwargs
+from stockade.proxy.parser_check import require_c_parser
+from stockade.proxy.redirect import redirect_app
+from stockade.proxy.settings import Listener, ProxyConfig
+from stockade.proxy.tls import ServerTls, TlsConfigError
+
+log = logging.getLogger("stockade.proxy")
+
+RESTART_BACKOFF_MAX = 5.0
+EXIT_CANNOT_START = 3  # a worker that cannot start stops the proxy instead of looping
+MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+STOP_GRACE = 5.0  # on top of drain_timeout before a worker is killed
+
+
+class ProxyStartupError(RuntimeError):
+    pass
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    sockets: list[tuple[Listener, socket.socket]]
+    pid: int = 0
+    started: float = 0.0
+    failures: int = 0
+
+
+def bind(listener: Listener) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((listener.address, listener.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ProxyStartupError(f"cannot listen on {listener.name}: {exc.strerror}") from None
+    return sock
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    if user is None or os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ProxyStartupError(f"proxy.user {user!r} does not exist") from None
+    gid = entry.pw_gid
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ProxyStartupError(f"proxy.group {group!r} does not exist") from None
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(entry.pw_uid)
+
+
+def load_tls(config: ProxyConfig) -> dict[Listener, ServerTls]:
+    tls = {}
+    for listener in config.listeners:
+        if listener.tls:
+            try:
+                tls[listener] = ServerTls(listener.certificates)
+            except TlsConfigError as exc:
+                raise ProxyStartupError(f"{listener.name}: {exc}") from None
+    return tls
+
+
+async def _serve(config: ProxyConfig, sockets: list[tuple[Listener, socket.socket]]) -> None:
+    """One worker: every listener's socket, one pipeline, until SIGTERM."""
+    tls = load_tls(config)
+    gateway = Gateway(config, SystemClock())
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def reload_tls() -> None:
+        for listener, server_tls in tls.items():
+            try:
+                server_tls.reload()
+                log.info("%s: certificates reloaded", listener.name)
+            except TlsConfigError as exc:
+                log.error(
+                    "%s: certificate reload failed, keeping the old ones: %s", listener.name, exc
+                )
+
+    loop.add_signal_handler(signal.SIGHUP, reload_tls)
+    runners: list[GuardedAppRunner] = []
+    kwargs = handler_kwargs(config)
+    counters = LimitCounters()  # shared by every listener: max_connections is per worker
+    try:
+        for listener, sock in sockets:
+            if listener.redirect_to_https is not None:
+                app = redirect_app(listener.redirect_to_https)
+            else:
+                app = gateway.app("https" if listener.tls else "http")
+            runner = GuardedAppRunner(
+                app,
+                config,
+                counters,
+                handle_signals=False,
+                access_log=None,
+                shutdown_timeout=config.drain_timeout,
+                **kwargs,
+            )
+            await runner.setup()
+            site = web.SockSite(
+                runner,
+                sock,
+                ssl_context=tls[listener].context if listener in tls else None,
+                shutdown_timeout=config.drain_timeout,
+            )
+            await site.start()
+            runners.append(runner)
+        await stop.wait()
+    finally:
+        # cleanup stops accepting, then waits for in-flight requests
+        for runner in runners:
+            await runner.cleanup()
+        await gateway.close()
+
+
+def _loop_runner() -> asyncio.Runner:
+    try:
+        import uvloop  # type: ignore[import-not-found]  # optional: faster when installed
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def _worker_main(config: ProxyConfig, slot: WorkerSlot) -> None:
+    """The child after fork: never returns."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+    for sig in MASTER_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    code = 0
+    try:
+        drop_privileges(config.user, config.group)
+        with _loop_runner() as runner:
+            runner.run(_serve(config, slot.sockets))
+    except ProxyStartupError as exc:
+        log.error("worker %d: %s", slot.index, exc)
+        code = EXIT_CANNOT_START
+    except Exception:
+        log.exception("worker %d crashed", slot.index)
+        code = 1
+    logging.shutdown()
+    os._exit(code)
+
+
+class Master:
+    def __init__(self, config: Config) -> None:
+        self.config = config.proxy
+        self.slots: list[WorkerSlot] = []
+        self.stopping = False
+
+    def start(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        require_c_parser()
+        if not self.config.listeners:
+            raise ProxyStartupError("no listeners in [[proxy.listeners]]; nothing to serve")
+        if not self.config.routes:
+            log.warning("no [[proxy.routes]]: every request will get 404")
+        load_tls(self.config)  # fail at start, in the master, on a bad certificate
+        count = self.config.worker_count
+        for index in range(count):
+            sockets = [(listener, bind(listener)) for listener in self.config.listeners]
+            self.slots.append(WorkerSlot(index, sockets))
+        for slot in self.slots:
+            self._spawn(slot)
+        names = ", ".join(listener.name for listener in self.config.listeners)
+        log.info("proxy serving %s with %d workers", names, count)
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        pid = os.fork()
+        if pid == 0:
+            _worker_main(self.config, slot)
+        slot.pid, slot.started = pid, time.monotonic()
+
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT; returns the exit code.
+
+        Signals are blocked and taken synchronously with sigtimedwait, so a
+        signal never interrupts the master half-way through a restart.
+        """
+        while not self.stopping:
+            info = signal.sigtimedwait(MASTER_SIGNALS, 1.0)
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                self.stopping = True
+                break
+            if info is not None and info.si_signo == signal.SIGHUP:
+                self._on_hup()
+            self._reap_all()
+        return self._drain()
+
+    def _reap_all(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._reap(pid, status)
+
+    def _reap(self, pid: int, status: int) -> None:
+        slot = next((s for s in self.slots if s.pid == pid), None)
+        if slot is None or self.stopping:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        if code == EXIT_CANNOT_START:
+            log.error("worker %d cannot start; stopping the proxy", slot.index)
+            self.stopping = True
+            return
+        # Back off when a worker keeps dying young, so a crash loop cannot spin.
+        slot.failures = slot.failures + 1 if time.monotonic() - slot.started < 10 else 1
+        delay = min(RESTART_BACKOFF_MAX, 0.1 * 2 ** (slot.failures - 1))
+        log.warning(
+            "worker %d (pid %d) exited with %d; restarting in %.1fs", slot.index, pid, code, delay
+        )
+        time.sleep(delay)
+        self._spawn(slot)
+
+    def _on_hup(self) -> None:
+        for slot in self.slots:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.pid, signal.SIGHUP)
+
+    def _drain(self) -> int:
+        for slot in self.slots:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.drain_timeout + STOP_GRACE
+        alive = {slot.pid for slot in self.slots}
+        while alive and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.05)
+                continue
+            alive.discard(pid)
+        for pid in alive:
+            log.warning("worker pid %d did not drain in time; killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for slot in self.slots:
+            for _, sock in slot.sockets:
+                sock.close()
+        log.info("proxy stopped")
+        return 0
+
+
+def run(config: Config) -> int:
+    master = Master(config)
+    try:
+        master.start()
+    except (ProxyStartupError, RuntimeError) as exc:
+        log.error("%s", exc)
+        master.stopping = True
+        master._drain()
+        return 1
+    return master.run()

@@ -1,0 +1,213 @@
+"""The proxy as operators run it: master + workers, signals, memory, privileges."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from process_harness import STOCKADE, free_port, running_proxy, wait_listening
+
+UPSTREAM_APP = Path(__file__).with_name("upstream_app.py")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(UPSTREAM_APP), str(port)])
+    try:
+        wait_listening(port, proc, Path("/dev/null"))
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def config(port: int, upstream: int, workers: int = 2, extra: str = "", listener: str = "") -> str:
+    return f"""
+[proxy]
+workers = {workers}
+drain_timeout = "10s"
+{extra}
+[[proxy.listeners]]
+address = "127.0.0.1"
+port = {port}
+{listener}
+[proxy.pools.api]
+servers = ["127.0.0.1:{upstream}"]
+[proxy.pools.api.health]
+enabled = false
+[[proxy.routes]]
+pool = "api"
+"""
+
+
+def http_get(port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1]
+
+
+def test_a_killed_worker_is_replaced(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    with running_proxy(config(port, upstream), tmp_path, port) as proxy:
+        before = proxy.wait_workers(2)
+        os.kill(before[0], signal.SIGKILL)
+        after = proxy.wait_workers(1, exclude=set(before))
+        assert after and before[0] not in proxy.workers()
+        assert len(proxy.wait_workers(2)) == 2
+        for _ in range(10):
+            assert http_get(port, "/x")[0] == 200
+
+
+def test_sigterm_drains_an_in_flight_request(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    with running_proxy(config(port, upstream, workers=1), tmp_path, port) as proxy:
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(http_get(port, "/slow")[0]))
+        thread.start()
+        time.sleep(0.5)  # the request is now waiting on the upstream
+        os.kill(proxy.proc.pid, signal.SIGTERM)
+        thread.join(timeout=20)
+        assert result == [200]
+        assert proxy.proc.wait(timeout=20) == 0
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_upload_of_1gib_streams_in_bounded_memory(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    with running_proxy(
+        config(port, upstream, workers=1).replace(
+            'pool = "api"', 'pool = "api"\nmax_body_size = "2GiB"'
+        ),
+        tmp_path,
+        port,
+    ) as proxy:
+        (worker,) = proxy.wait_workers(1)
+        http_get(port, "/warm")
+        before = proxy.rss_kib(worker)
+        size = 1 << 30
+        block = b"x" * (1 << 20)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(
+                f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            peak = before
+            for i in range(size // len(block)):
+                sock.sendall(block)
+                if i % 64 == 0:
+                    peak = max(peak, proxy.rss_kib(worker))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        assert b" 200 " in data.split(b"\r\n", 1)[0]
+        assert b'"body_size": 1073741824' in data
+        assert peak - before < 64 * 1024, f"worker RSS grew by {peak - before} KiB"
+
+
+def test_refuses_to_start_with_the_pure_python_parser(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    path = tmp_path / "stockade.toml"
+    path.write_text(config(port, upstream, workers=1))
+    result = subprocess.run(
+        [*STOCKADE, "--config", str(path), "proxy", "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"},
+    )
+    assert result.returncode == 1
+    assert "C HTTP parser" in result.stderr
+
+
+def test_bad_certificate_is_a_clear_error_at_start(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    path = tmp_path / "stockade.toml"
+    missing = tmp_path / "missing.pem"
+    path.write_text(
+        config(
+            port,
+            upstream,
+            workers=1,
+            listener=f'certificates = [{{ cert = "{missing}", key = "{missing}" }}]',
+        )
+    )
+    result = subprocess.run(
+        [*STOCKADE, "--config", str(path), "proxy", "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert str(missing) in result.stderr
+
+
+def test_sighup_reloads_the_certificate(tmp_path: Path, upstream: int) -> None:
+    ca = trustme.CA()
+    first = ca.issue_cert("api.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    first.cert_chain_pems[0].write_to_path(str(cert))
+    first.private_key_pem.write_to_path(str(key))
+    port = free_port()
+    listener = f'certificates = [{{ cert = "{cert}", key = "{key}" }}]'
+    with running_proxy(
+        config(port, upstream, workers=2, listener=listener), tmp_path, port
+    ) as proxy:
+        proxy.wait_workers(2)
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="api.test") as tls:
+                old_serial = tls.getpeercert()["serialNumber"]  # type: ignore[index]
+        second = ca.issue_cert("api.test")
+        second.cert_chain_pems[0].write_to_path(str(cert))
+        second.private_key_pem.write_to_path(str(key))
+        os.kill(proxy.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        serials = set()
+        while time.monotonic() < deadline:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname="api.test") as tls:
+                    serials.add(tls.getpeercert()["serialNumber"])  # type: ignore[index]
+            if len(serials) == 1 and old_serial not in serials:
+                break
+            serials.clear()
+            time.sleep(0.1)
+        assert serials and old_serial not in serials
+        assert "reloaded" in proxy.log.read_text()
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid")
+
+
+def test_workers_drop_privileges(tmp_path: Path, upstream: int) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    port = free_port()
+    with running_proxy(
+        config(port, upstream, workers=1, extra='user = "nobody"'), tmp_path, port
+    ) as proxy:
+        (worker,) = proxy.wait_workers(1)
+        assert _uid(worker) == nobody
+        assert _uid(proxy.proc.pid) == 0
+        assert http_get(port, "/x")[0] == 200
