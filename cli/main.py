@@ -18,6 +18,7 @@ import click
 
 from stockade import __version__
 from stockade.cli import output
+from stockade.cli.client import call
 from stockade.cli.context import (
     ENV_SOCKET,
     Context,
@@ -33,6 +34,8 @@ from stockade.cli.proxy_cmds import proxy, run_all
 from stockade.config import ConfigError, load_config, resolve_path
 from stockade.controller.layout import reason_names
 from stockade.durations import DurationError, parse_duration
+from stockade.protocol import EXIT_CODES, CommandError
+from stockade.proxy.status import read_status
 
 
 class _UsageLine(click.UsageError):
@@ -262,7 +265,15 @@ def stats(ctx: Context, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def status(ctx: Context, as_json: bool) -> None:
-    result = ctx.call("status")
+    workers = read_status(ctx.config().proxy.status_dir)
+    try:
+        result = call(ctx.socket, "status")
+    except CommandError as exc:
+        # The proxy's state is still worth showing when the controller is away.
+        if workers and not as_json:
+            _print_proxy_status(workers)
+        fail(exc.message, exc.hint, EXIT_CODES.get(exc.kind, 1))
+    result["proxy"] = {"workers": workers}
     if as_json:
         output.emit_json(result)
         return
@@ -287,6 +298,33 @@ def status(ctx: Context, as_json: bool) -> None:
     r = result["syn_rate"]
     rate = f"{r['rate']}/s burst {r['burst']}" if r["rate"] else "off"
     click.echo(f"SYN rate:   {rate}, IPv6 grouped by /{r['ipv6_prefix']}, {r['events']} events")
+    _print_proxy_status(workers)
+
+
+def _print_proxy_status(workers: list[dict[str, Any]]) -> None:
+    if not workers:
+        click.echo("proxy:      not running")
+        return
+    click.echo(
+        f"proxy:      {len(workers)} workers (pids {', '.join(str(w['pid']) for w in workers)})"
+    )
+    # Every worker checks every server; a server is shown healthy when all agree.
+    pools: dict[str, dict[str, dict[str, Any]]] = {}
+    for worker in workers:
+        for pool, servers in worker["pools"].items():
+            for server in servers:
+                row = pools.setdefault(pool, {}).setdefault(
+                    server["address"], {"healthy": True, "ejected": False, "requests": 0}
+                )
+                row["healthy"] = row["healthy"] and server["healthy"]
+                row["ejected"] = row["ejected"] or server["ejected"] > 0
+                row["requests"] += server["requests"]
+    for pool, servers in sorted(pools.items()):
+        for address, row in servers.items():
+            state = "UP" if row["healthy"] and not row["ejected"] else "DOWN"
+            if row["healthy"] and row["ejected"]:
+                state = "EJECTED"
+            click.echo(f"  pool {pool}: {address} {state}, {row['requests']} requests")
 
 
 @cli.command(

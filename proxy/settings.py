@@ -135,6 +135,7 @@ class ProxyConfig:
     keepalive_timeout: float = 60.0
     max_connections: int = 10_000  # per worker
     drain_timeout: float = 30.0  # in-flight requests get this long on SIGTERM
+    status_dir: Path = Path("/run/stockade/proxy")  # per-worker state for `stockade status`
 
     @property
     def worker_count(self) -> int:
@@ -342,6 +343,7 @@ def parse_proxy(section: Section) -> ProxyConfig:
         keepalive_timeout=section.duration("keepalive_timeout", d.keepalive_timeout),
         max_connections=section.integer("max_connections", d.max_connections, 1, 1_000_000),
         drain_timeout=section.duration("drain_timeout", d.drain_timeout),
+        status_dir=section.path("status_dir", d.status_dir),
     )
     section.finish()
     if config.access_log != "-" and not config.access_log.startswith("/"):

@@ -30,6 +30,7 @@ from stockade.proxy.limits import GuardedAppRunner, LimitCounters, handler_kwarg
 from stockade.proxy.parser_check import require_c_parser
 from stockade.proxy.redirect import redirect_app
 from stockade.proxy.settings import Listener, ProxyConfig
+from stockade.proxy.status import StatusPublisher, clear, worker_file
 from stockade.proxy.tls import ServerTls, TlsConfigError
 
 log = logging.getLogger("stockade.proxy")
@@ -99,11 +100,18 @@ def load_tls(config: ProxyConfig) -> dict[Listener, ServerTls]:
     return tls
 
 
-async def _serve(config: ProxyConfig, sockets: list[tuple[Listener, socket.socket]]) -> None:
+async def _serve(
+    config: ProxyConfig, index: int, sockets: list[tuple[Listener, socket.socket]]
+) -> None:
     """One worker: every listener's socket, one pipeline, until SIGTERM."""
     tls = load_tls(config)
     gateway = Gateway(config, SystemClock())
     await gateway.start()
+    counters = LimitCounters()  # shared by every listener: max_connections is per worker
+    publisher = StatusPublisher(
+        worker_file(config.status_dir, index), index, gateway.upstreams.states, counters
+    )
+    publisher.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -122,7 +130,6 @@ async def _serve(config: ProxyConfig, sockets: list[tuple[Listener, socket.socke
     loop.add_signal_handler(signal.SIGHUP, reload_tls)
     runners: list[GuardedAppRunner] = []
     kwargs = handler_kwargs(config)
-    counters = LimitCounters()  # shared by every listener: max_connections is per worker
     try:
         for listener, sock in sockets:
             if listener.redirect_to_https is not None:
@@ -152,6 +159,7 @@ async def _serve(config: ProxyConfig, sockets: list[tuple[Listener, socket.socke
         # cleanup stops accepting, then waits for in-flight requests
         for runner in runners:
             await runner.cleanup()
+        await publisher.stop()
         await gateway.close()
 
 
@@ -172,7 +180,7 @@ def _worker_main(config: ProxyConfig, slot: WorkerSlot) -> None:
     try:
         drop_privileges(config.user, config.group)
         with _loop_runner() as runner:
-            runner.run(_serve(config, slot.sockets))
+            runner.run(_serve(config, slot.index, slot.sockets))
     except ProxyStartupError as exc:
         log.error("worker %d: %s", slot.index, exc)
         code = EXIT_CANNOT_START
@@ -197,6 +205,14 @@ class Master:
         if not self.config.routes:
             log.warning("no [[proxy.routes]]: every request will get 404")
         load_tls(self.config)  # fail at start, in the master, on a bad certificate
+        self.config.status_dir.mkdir(parents=True, exist_ok=True)
+        clear(self.config.status_dir)
+        if self.config.user is not None:
+            # workers write their status files after dropping privileges; a
+            # missing user is reported by the worker that tries to become it
+            with contextlib.suppress(KeyError):
+                entry = pwd.getpwnam(self.config.user)
+                os.chown(self.config.status_dir, entry.pw_uid, entry.pw_gid)
         count = self.config.worker_count
         for index in range(count):
             sockets = [(listener, bind(listener)) for listener in self.config.listeners]

@@ -79,6 +79,9 @@ max_bans_v6 = 1024
 max_prefix_bans = 256
 max_allow = 256
 max_rate_sources = 1024
+
+[proxy]
+status_dir = "{state}/run/proxy"
 """
 
 

@@ -69,7 +69,7 @@ def wait_listening(
 @contextmanager
 def running_proxy(config_text: str, tmp: Path, port: int) -> Iterator[ProxyProcess]:
     config = tmp / "stockade.toml"
-    config.write_text(config_text)
+    config.write_text(config_text.replace("{status_dir}", str(tmp / "status")))
     log = tmp / "proxy.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -34,9 +34,12 @@ def upstream() -> Iterator[int]:
 
 def config(port: int, upstream: int, workers: int = 2, extra: str = "", listener: str = "") -> str:
     return f"""
+[controller]
+socket = "/nonexistent/stockade-test/control.sock"
 [proxy]
 workers = {workers}
 drain_timeout = "10s"
+status_dir = "{{status_dir}}"
 {extra}
 [[proxy.listeners]]
 address = "127.0.0.1"
@@ -123,7 +126,7 @@ def test_upload_of_1gib_streams_in_bounded_memory(tmp_path: Path, upstream: int)
 def test_refuses_to_start_with_the_pure_python_parser(tmp_path: Path, upstream: int) -> None:
     port = free_port()
     path = tmp_path / "stockade.toml"
-    path.write_text(config(port, upstream, workers=1))
+    path.write_text(config(port, upstream, workers=1).replace("{status_dir}", str(tmp_path)))
     result = subprocess.run(
         [*STOCKADE, "--config", str(path), "proxy", "run"],
         capture_output=True,
@@ -145,7 +148,7 @@ def test_bad_certificate_is_a_clear_error_at_start(tmp_path: Path, upstream: int
             upstream,
             workers=1,
             listener=f'certificates = [{{ cert = "{missing}", key = "{missing}" }}]',
-        )
+        ).replace("{status_dir}", str(tmp_path))
     )
     result = subprocess.run(
         [*STOCKADE, "--config", str(path), "proxy", "run"],
@@ -211,3 +214,45 @@ def test_workers_drop_privileges(tmp_path: Path, upstream: int) -> None:
         assert _uid(worker) == nobody
         assert _uid(proxy.proc.pid) == 0
         assert http_get(port, "/x")[0] == 200
+
+
+def test_status_shows_pool_health_from_the_workers(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    text = config(port, upstream, workers=2)
+    with running_proxy(text, tmp_path, port) as proxy:
+        proxy.wait_workers(2)
+        http_get(port, "/x")
+        expected = f"pool api: 127.0.0.1:{upstream} UP, 1 requests"
+        deadline = time.monotonic() + 10
+        while True:  # workers publish once a second
+            result = subprocess.run(
+                [*STOCKADE, "--config", str(tmp_path / "stockade.toml"), "status"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if expected in result.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        # the controller is not running here: exit 1, but the proxy part is shown
+        assert result.returncode == 1
+        assert "controller is not running" in result.stderr
+        assert "proxy:      2 workers" in result.stdout
+        assert expected in result.stdout
+    assert not list((tmp_path / "status").glob("*.json"))  # workers remove theirs on exit
+
+
+def test_http_listener_redirects_to_https(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    text = config(port, upstream, workers=1, listener="redirect_to_https = 8443")
+    with running_proxy(text, tmp_path, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"GET /a/b?c=1 HTTP/1.1\r\nHost: api.test:8080\r\nConnection: close\r\n\r\n"
+            )
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.startswith("HTTP/1.1 308")
+    assert "Location: https://api.test:8443/a/b?c=1" in head
