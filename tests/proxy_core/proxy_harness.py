@@ -14,6 +14,7 @@ from aiohttp import web
 
 from stockade.clock import SystemClock
 from stockade.proxy.app import Gateway
+from stockade.proxy.limits import GuardedAppRunner, handler_kwargs
 from stockade.proxy.settings import HealthCheck, Listener, Pool, ProxyConfig, Route, Server
 
 
@@ -103,7 +104,7 @@ def config_for(upstreams: list[Upstream], log: Path, **route_args: Any) -> Proxy
 async def gateway(config: ProxyConfig) -> AsyncIterator[tuple[str, Gateway]]:
     gw = Gateway(config, SystemClock())
     await gw.start()
-    runner = web.AppRunner(gw.app("http"), access_log=None)
+    runner = GuardedAppRunner(gw.app("http"), config, access_log=None, **handler_kwargs(config))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
