@@ -6,6 +6,8 @@ import json
 
 from aiohttp import web
 
+SERVER = "stockade"
+
 
 class Refusal(Exception):
     """Stop the request here with `status`; `reason` is a stable code for logs and metrics."""
@@ -30,4 +32,5 @@ def error_response(
         status=status, text=body, content_type="application/json", headers=headers
     )
     response.headers["X-Request-ID"] = request_id
+    response.headers["Server"] = SERVER  # not aiohttp's banner with its version
     return response

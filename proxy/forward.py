@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from stockade.proxy.context import UPSTREAM_ERROR, RequestContext, context
-from stockade.proxy.errors import Refusal
+from stockade.proxy.errors import SERVER, Refusal
 from stockade.proxy.headers import end_to_end, forwarding_headers
 from stockade.proxy.limits import BodyError, bounded_body
 from stockade.proxy.settings import Pool, ProxyConfig
@@ -89,6 +89,7 @@ def _upstream_headers(request: web.Request, ctx: RequestContext) -> CIMultiDict[
 def _response_headers(upstream: aiohttp.ClientResponse, request_id: str) -> CIMultiDict[str]:
     headers = end_to_end(upstream.headers)
     headers["X-Request-ID"] = request_id
+    headers.setdefault("Server", SERVER)  # the upstream's own, else ours (never aiohttp's)
     return headers
 
 

@@ -99,3 +99,18 @@ def test_a_good_request_does_reach_the_upstream(tmp_path: Path) -> None:
             await up.stop()
 
     asyncio.run(scenario())
+
+
+def test_no_version_banner_on_refusals(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        up = Upstream("a")
+        await up.start()
+        try:
+            async with gateway(config_for([up], tmp_path / "log")) as (url, _):
+                reply = await raw_exchange(url, b"GET /a%2Fb HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert b"\r\nServer: stockade\r\n" in reply
+            assert b"aiohttp" not in reply and b"Python" not in reply
+        finally:
+            await up.stop()
+
+    asyncio.run(scenario())
