@@ -256,3 +256,42 @@ def test_http_listener_redirects_to_https(tmp_path: Path, upstream: int) -> None
     head = data.split(b"\r\n\r\n", 1)[0].decode()
     assert head.startswith("HTTP/1.1 308")
     assert "Location: https://api.test:8443/a/b?c=1" in head
+
+
+def test_run_starts_controller_and_proxy_and_stops_both(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    pin_root = Path(f"/sys/fs/bpf/stockade-runtest-{os.getpid()}")
+    text = config(port, upstream, workers=1).replace(
+        '[controller]\nsocket = "/nonexistent/stockade-test/control.sock"',
+        f'[controller]\nsocket = "{tmp_path}/control.sock"\nstate_dir = "{tmp_path}/state"\n'
+        f'pin_root = "{pin_root}"\n[xdp]\nmax_bans_v4 = 64\nmax_bans_v6 = 64',
+    )
+    path = tmp_path / "stockade.toml"
+    path.write_text(text.replace("{status_dir}", str(tmp_path / "status")))
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*STOCKADE, "--config", str(path), "run"], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_listening(port, proc, log)
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "control.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "control.sock").exists(), log.read_text()
+        assert http_get(port, "/x")[0] == 200
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+        assert not (tmp_path / "control.sock").exists()  # the controller stopped too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(
+            [*STOCKADE, "--config", str(path), "detach", "--remove-maps"],
+            capture_output=True,
+            timeout=60,
+        )
+        import shutil
+
+        shutil.rmtree(pin_root, ignore_errors=True)
