@@ -1,4 +1,4 @@
-"""What both benchmarks share: statistics, the machine, results files, BPF pins."""
+"""What the benchmarks share: statistics, the machine, results files, BPF pins."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from stockade.controller import loader
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 PACKAGES = ("python3-bpfcc", "xdp-tools", "nftables", "netsniff-ng", "bpftool")
+# what the kernel benchmarks measure; the L7 one passes its own folders
+KERNEL_SOURCES = ("bpf", "controller", "lab", "stockade")
 
 
 class BenchError(RuntimeError):
@@ -41,7 +43,7 @@ class Summary:
         return cls(statistics.median(samples), min(samples), max(samples), len(samples))
 
 
-def machine() -> dict[str, str]:
+def machine(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
     """A description of this host, written next to every result."""
     model = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -59,7 +61,7 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "os": f"Debian {debian.read_text().strip()}" if debian.exists() else platform.platform(),
         "python": platform.python_version(),
-        "packages": ", ".join(f"{name} {package_version(name)}" for name in PACKAGES),
+        "packages": ", ".join(f"{name} {package_version(name)}" for name in packages),
     }
 
 
@@ -73,8 +75,8 @@ def package_version(name: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else "not installed"
 
 
-def source_revision() -> str:
-    """The commit measured, marked when the program or its loader had local changes."""
+def source_revision(sources: Sequence[str] = KERNEL_SOURCES) -> str:
+    """The commit measured, marked when the code under `sources` had local changes."""
 
     def git(*args: str) -> str:
         result = subprocess.run(
@@ -86,7 +88,7 @@ def source_revision() -> str:
         return result.stdout.strip() if result.returncode == 0 else ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "bpf", "controller", "lab", "stockade")
+    dirty = git("status", "--porcelain", "--", *sources)
     return f"{commit} with local changes" if dirty else commit
 
 

@@ -1,9 +1,10 @@
-"""`make bench`: the kernel fast-path benchmarks, then bench/README.md.
+"""`make bench`: the kernel fast-path and L7 benchmarks, then bench/README.md.
 
-Runs bench/bootstrap (idempotent: installs trafgen), bench.xdp_cost and
-bench.flood with their defaults, and rebuilds the README from the results.
-A failing case is reported and the other still runs; the exit code is 1 if
-any failed. As root, after ./scripts/bootstrap (which `make bench` runs).
+Runs bench/bootstrap (idempotent: installs trafgen, wrk, haproxy, py-spy),
+bench.xdp_cost, bench.flood and bench.l7 with their defaults, and rebuilds
+the README from the results. A failing case is reported and the others
+still run; the exit code is 1 if any failed. As root, after
+./scripts/bootstrap (which `make bench` runs).
 
 Run: .venv/bin/python -m bench.run
 """
@@ -16,14 +17,14 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import flood, report, xdp_cost
+from bench import flood, l7, report, xdp_cost
 from bench.common import BENCH_DIR
 
 
 def run_case(name: str, case: Callable[[Sequence[str]], int]) -> bool:
     try:
         return case([]) == 0
-    except Exception:  # report it and go on with the other case
+    except Exception:  # report it and go on with the other cases
         traceback.print_exc()
         print(f"bench: {name} crashed", file=sys.stderr)
         return False
@@ -35,7 +36,7 @@ def main() -> int:
     if bootstrap.returncode != 0:
         print("bench: bench/bootstrap failed; fix that first", file=sys.stderr)
         return 1
-    cases = {"xdp_cost": xdp_cost.main, "flood": flood.main}
+    cases = {"xdp_cost": xdp_cost.main, "flood": flood.main, "l7": l7.main}
     failed = [name for name, case in cases.items() if not run_case(name, case)]
     path = report.write_readme()
     minutes = (time.monotonic() - started) / 60
