@@ -165,7 +165,7 @@ async def _serve(
 
 def _loop_runner() -> asyncio.Runner:
     try:
-        import uvloop  # type: ignore[import-not-found]  # optional: faster when installed
+        import uvloop  # optional: faster when installed
     except ImportError:
         return asyncio.Runner()
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
