@@ -1,30 +1,38 @@
 """One JSON line per request, to stderr or a file.
 
-Never the Authorization header, cookies or the query string's values: only
-what an operator needs to follow a request.
+Never the Authorization header, cookies or the query string: only what an
+operator needs to follow a request. Lines are block-buffered and flushed
+every second (and at exit), so logging costs no system call per request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-import sys
+import os
 import time
 from typing import TextIO
 
 from stockade.proxy.context import RequestContext
 
+BUFFER = 64 * 1024
+FLUSH_INTERVAL = 1.0
+
 
 class AccessLog:
     def __init__(self, target: str) -> None:
-        self._own = target != "-"
-        self._out: TextIO = (
-            open(target, "a", buffering=1, encoding="utf-8") if self._own else sys.stderr  # noqa: SIM115
-        )
+        if target == "-":
+            # our own buffered writer on a copy of stderr: Python's stderr
+            # is line-buffered, which would mean a write() per request
+            self._out: TextIO = os.fdopen(os.dup(2), "w", buffering=BUFFER, encoding="utf-8")
+        else:
+            self._out = open(target, "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
+        self._flusher: asyncio.Task[None] | None = None
 
     def write(self, ctx: RequestContext, method: str) -> None:
-        now = time.time()
         record = {
-            "time": round(now, 3),
+            "time": round(time.time(), 3),
             "request_id": ctx.request_id,
             "client_ip": ctx.client_ip,
             "method": method,
@@ -41,6 +49,22 @@ class AccessLog:
         }
         self._out.write(json.dumps(record, separators=(",", ":")) + "\n")
 
-    def close(self) -> None:
-        if self._own:
-            self._out.close()
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):  # a full disk must not stop the proxy
+            self._out.flush()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            self.flush()
+
+    def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_periodically())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        self.flush()
+        self._out.close()

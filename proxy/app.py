@@ -30,6 +30,7 @@ class Gateway:
         self.access_log.write(ctx, method)
 
     async def start(self) -> None:
+        self.access_log.start()
         await self.upstreams.start()
         for checker in self.checkers:
             await checker.start()
@@ -38,7 +39,7 @@ class Gateway:
         for checker in self.checkers:
             await checker.stop()
         await self.upstreams.close()
-        self.access_log.close()
+        await self.access_log.close()
 
     def app(self, scheme: str) -> web.Application:
         """The application for one listener (its scheme goes into X-Forwarded-Proto)."""

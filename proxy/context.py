@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 import uuid
@@ -40,11 +41,35 @@ class RequestContext:
 CTX_KEY = web.RequestKey("stockade_ctx", RequestContext)
 
 
+class RequestIds:
+    """Unique ids without a syscall per request: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._next = itertools.count(1).__next__
+
+    def new(self) -> str:
+        return f"{self._prefix}{self._next():016x}"
+
+
+_IDS = RequestIds()
+
+
+def new_request_id() -> str:
+    return _IDS.new()
+
+
+def reset_request_ids() -> None:
+    """After fork: a worker must not share its parent's prefix."""
+    global _IDS
+    _IDS = RequestIds()
+
+
 def request_id_from(value: str | None) -> str:
     """Pass a well-formed X-Request-ID through; otherwise make a new one."""
     if value and _REQUEST_ID.fullmatch(value):
         return value
-    return uuid.uuid4().hex
+    return _IDS.new()
 
 
 def context(request: web.Request) -> RequestContext:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from aiohttp.typedefs import Middleware
 
+from stockade.proxy.pipeline_types import Stage
 from stockade.proxy.routing import Router
 from stockade.proxy.settings import ProxyConfig
 from stockade.proxy.stages import context as context_stage
@@ -18,10 +19,13 @@ from stockade.proxy.stages.framing import framing_stage
 from stockade.proxy.stages.path import path_stage
 
 
-def stages(config: ProxyConfig, scheme: str, observe: context_stage.Observer) -> list[Middleware]:
+def checks(config: ProxyConfig) -> list[Stage]:
     return [
-        context_stage.make(config, scheme, observe),
         framing_stage,
         path_stage(Router(config.routes), config.max_url_length),
         body_limit_stage,
     ]
+
+
+def stages(config: ProxyConfig, scheme: str, observe: context_stage.Observer) -> list[Middleware]:
+    return [context_stage.make(config, scheme, observe, checks(config))]

@@ -26,6 +26,7 @@ from aiohttp import web
 from stockade.clock import SystemClock
 from stockade.config import Config
 from stockade.proxy.app import Gateway
+from stockade.proxy.context import reset_request_ids
 from stockade.proxy.limits import GuardedAppRunner, LimitCounters, handler_kwargs
 from stockade.proxy.parser_check import require_c_parser
 from stockade.proxy.redirect import redirect_app
@@ -176,6 +177,7 @@ def _worker_main(config: ProxyConfig, slot: WorkerSlot) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
     for sig in MASTER_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    reset_request_ids()
     code = 0
     try:
         drop_privileges(config.user, config.group)

@@ -7,17 +7,14 @@ and stops at the same limit.
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from stockade.proxy.context import context
+from stockade.proxy.context import RequestContext
 from stockade.proxy.errors import Refusal
 
 
-@web.middleware
-async def body_limit_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
-    route = context(request).route
+def body_limit_stage(request: web.Request, ctx: RequestContext) -> None:
+    route = ctx.route
     assert route is not None, "the path stage runs first"
     declared = request.content_length
     if declared is not None and declared > route.max_body_size:
         raise Refusal(413, "limit", "body_too_large", "request body too large")
-    return await handler(request)

@@ -1,4 +1,4 @@
-"""Stage 0: give every request its context, answer refusals, log and count.
+"""Stage 0: give every request its context, run the checks, answer refusals, log and count.
 
 Outermost, so that every outcome - a refusal by any stage, an upstream
 error, a crash - gets a request id, a JSON error body and one access-log line.
@@ -7,7 +7,7 @@ error, a crash - gets a request id, a JSON error body and one access-log line.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -15,6 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 from stockade.proxy.context import CTX_KEY, RequestContext, request_id_from
 from stockade.proxy.errors import Refusal, error_response
 from stockade.proxy.headers import client_ip, is_trusted
+from stockade.proxy.pipeline_types import Stage
 from stockade.proxy.settings import ProxyConfig
 
 log = logging.getLogger("stockade.proxy")
@@ -23,7 +24,9 @@ log = logging.getLogger("stockade.proxy")
 Observer = Callable[[RequestContext, str], None]
 
 
-def make(config: ProxyConfig, scheme: str, observe: Observer) -> Middleware:
+def make(
+    config: ProxyConfig, scheme: str, observe: Observer, checks: Sequence[Stage]
+) -> Middleware:
     trusted = config.trusted_proxies
 
     @web.middleware
@@ -41,6 +44,10 @@ def make(config: ProxyConfig, scheme: str, observe: Observer) -> Middleware:
         )
         request[CTX_KEY] = ctx
         try:
+            for check in checks:
+                waiting = check(request, ctx)
+                if waiting is not None:
+                    await waiting
             response = await handler(request)
         except Refusal as refusal:
             ctx.decision, ctx.reason = refusal.decision, refusal.reason

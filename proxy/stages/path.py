@@ -8,18 +8,16 @@ allows them), so routing, every later stage and the upstream see one path.
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
-from stockade.proxy.context import context
+from stockade.proxy.context import RequestContext
 from stockade.proxy.errors import Refusal
 from stockade.proxy.normalize import BadPath, normalize_path
+from stockade.proxy.pipeline_types import Stage
 from stockade.proxy.routing import Router, host_without_port
 
 
-def path_stage(router: Router, max_url_length: int) -> Middleware:
-    @web.middleware
-    async def stage(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = context(request)
+def path_stage(router: Router, max_url_length: int) -> Stage:
+    def stage(request: web.Request, ctx: RequestContext) -> None:
         raw = request.raw_path
         if len(raw) > max_url_length:
             raise Refusal(414, "limit", "url_too_long", "request URL too long")
@@ -42,6 +40,5 @@ def path_stage(router: Router, max_url_length: int) -> Middleware:
             except BadPath as exc:
                 raise Refusal(400, "path", exc.reason, "invalid request path") from None
         ctx.route = route
-        return await handler(request)
 
     return stage

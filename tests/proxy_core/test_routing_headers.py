@@ -145,3 +145,14 @@ def test_request_id_passes_through_when_well_formed(good: str) -> None:
 def test_request_id_is_generated_otherwise(bad: str | None) -> None:
     generated = request_id_from(bad)
     assert generated != bad and len(generated) == 32
+
+
+def test_generated_request_ids_are_unique_and_a_new_process_gets_a_new_prefix() -> None:
+    from stockade.proxy import context as ctxmod
+
+    ids = {request_id_from(None) for _ in range(10_000)}
+    assert len(ids) == 10_000
+    before = request_id_from(None)
+    ctxmod.reset_request_ids()
+    after = request_id_from(None)
+    assert before[:16] != after[:16]
