@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from stockade.clock import Clock
 from stockade.proxy.access_log import AccessLog
 from stockade.proxy.context import RequestContext
 from stockade.proxy.forward import Forwarder, Upstreams
 from stockade.proxy.health import HealthChecker
-from stockade.proxy.pipeline import stages
+from stockade.proxy.limits import GuardedServer, LimitCounters, handler_kwargs
+from stockade.proxy.pipeline import pipeline
 from stockade.proxy.settings import ProxyConfig
 from stockade.proxy.upstream import PoolState
-
-UPSTREAMS = web.AppKey("upstreams", Upstreams)
 
 
 class Gateway:
@@ -25,6 +22,7 @@ class Gateway:
         self.upstreams = Upstreams(config.pools, states)
         self.checkers = [HealthChecker(states[pool.name], clock) for pool in config.pools]
         self.access_log = AccessLog(config.access_log)
+        self.forwarder = Forwarder(config, self.upstreams)
 
     def observe(self, ctx: RequestContext, method: str) -> None:
         self.access_log.write(ctx, method)
@@ -41,14 +39,12 @@ class Gateway:
         await self.upstreams.close()
         await self.access_log.close()
 
-    def app(self, scheme: str) -> web.Application:
-        """The application for one listener (its scheme goes into X-Forwarded-Proto)."""
-        app = web.Application(
-            middlewares=stages(self.config, scheme, self.observe),
-            client_max_size=1,  # bodies are streamed by the forwarder, never read whole
-            handler_args=None,
-        )
-        app[UPSTREAMS] = self.upstreams
-        forwarder = Forwarder(self.config, self.upstreams)
-        app.router.add_route("*", "/{tail:.*}", forwarder.handle)
-        return app
+    def server(self, scheme: str, counters: LimitCounters | None = None) -> GuardedServer:
+        """aiohttp's low-level server for one listener: no router, no application.
+
+        Every request runs the same pipeline, so the router and the app's
+        handler machinery would only cost time. The scheme goes into
+        X-Forwarded-Proto.
+        """
+        handler = pipeline(self.config, scheme, self.observe, self.forwarder.handle)
+        return GuardedServer(handler, self.config, counters, **handler_kwargs(self.config))

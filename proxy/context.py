@@ -8,8 +8,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from stockade.proxy.settings import Route
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -36,9 +34,6 @@ class RequestContext:
     upstream_time: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
-
-
-CTX_KEY = web.RequestKey("stockade_ctx", RequestContext)
 
 
 class RequestIds:
@@ -70,7 +65,3 @@ def request_id_from(value: str | None) -> str:
     if value and _REQUEST_ID.fullmatch(value):
         return value
     return _IDS.new()
-
-
-def context(request: web.Request) -> RequestContext:
-    return request[CTX_KEY]

@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 from yarl import URL
 
-from stockade.proxy.context import UPSTREAM_ERROR, RequestContext, context
+from stockade.proxy.context import UPSTREAM_ERROR, RequestContext
 from stockade.proxy.errors import SERVER, Refusal
 from stockade.proxy.headers import end_to_end, forwarding_headers
 from stockade.proxy.limits import BodyError, bounded_body
@@ -72,7 +73,7 @@ def _body_error(exc: BaseException) -> BodyError | None:
     return None
 
 
-def _upstream_headers(request: web.Request, ctx: RequestContext) -> CIMultiDict[str]:
+def _upstream_headers(request: BaseRequest, ctx: RequestContext) -> CIMultiDict[str]:
     headers = end_to_end(request.headers)
     forwarding_headers(
         headers,
@@ -98,8 +99,7 @@ class Forwarder:
         self.config = config
         self.upstreams = upstreams
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        ctx = context(request)
+    async def handle(self, request: BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         route = ctx.route
         assert route is not None, "routing runs before forwarding"
         state = self.upstreams.states[route.pool]
@@ -183,7 +183,7 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: BaseRequest,
         ctx: RequestContext,
         upstream: aiohttp.ClientResponse,
         started: float,

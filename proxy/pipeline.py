@@ -8,7 +8,10 @@ context stage answers (JSON, with the request id), logs and counts.
 
 from __future__ import annotations
 
-from aiohttp.typedefs import Middleware
+from collections.abc import Awaitable, Callable
+
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
 from stockade.proxy.pipeline_types import Stage
 from stockade.proxy.routing import Router
@@ -27,5 +30,11 @@ def checks(config: ProxyConfig) -> list[Stage]:
     ]
 
 
-def stages(config: ProxyConfig, scheme: str, observe: context_stage.Observer) -> list[Middleware]:
-    return [context_stage.make(config, scheme, observe, checks(config))]
+def pipeline(
+    config: ProxyConfig,
+    scheme: str,
+    observe: context_stage.Observer,
+    forward: context_stage.Forward,
+) -> Callable[[BaseRequest], Awaitable[StreamResponse]]:
+    """The request handler for one listener: context, the checks in order, then forward."""
+    return context_stage.make(config, scheme, observe, checks(config), forward)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from stockade.proxy.context import RequestContext
 
-Stage = Callable[[web.Request, RequestContext], Awaitable[None] | None]
+Stage = Callable[[BaseRequest, RequestContext], Awaitable[None] | None]

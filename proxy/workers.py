@@ -129,23 +129,26 @@ async def _serve(
                 )
 
     loop.add_signal_handler(signal.SIGHUP, reload_tls)
-    runners: list[GuardedAppRunner] = []
+    runners: list[web.BaseRunner] = []
     kwargs = handler_kwargs(config)
     try:
         for listener, sock in sockets:
+            runner: web.BaseRunner
             if listener.redirect_to_https is not None:
-                app = redirect_app(listener.redirect_to_https)
+                runner = GuardedAppRunner(
+                    redirect_app(listener.redirect_to_https),
+                    config,
+                    counters,
+                    handle_signals=False,
+                    access_log=None,
+                    shutdown_timeout=config.drain_timeout,
+                    **kwargs,
+                )
             else:
-                app = gateway.app("https" if listener.tls else "http")
-            runner = GuardedAppRunner(
-                app,
-                config,
-                counters,
-                handle_signals=False,
-                access_log=None,
-                shutdown_timeout=config.drain_timeout,
-                **kwargs,
-            )
+                server = gateway.server("https" if listener.tls else "http", counters)
+                runner = web.ServerRunner(
+                    server, handle_signals=False, shutdown_timeout=config.drain_timeout
+                )
             await runner.setup()
             site = web.SockSite(
                 runner,

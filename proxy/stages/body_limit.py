@@ -6,13 +6,13 @@ and stops at the same limit.
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from stockade.proxy.context import RequestContext
 from stockade.proxy.errors import Refusal
 
 
-def body_limit_stage(request: web.Request, ctx: RequestContext) -> None:
+def body_limit_stage(request: BaseRequest, ctx: RequestContext) -> None:
     route = ctx.route
     assert route is not None, "the path stage runs first"
     declared = request.content_length

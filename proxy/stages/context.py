@@ -7,12 +7,13 @@ error, a crash - gets a request id, a JSON error body and one access-log line.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
-from stockade.proxy.context import CTX_KEY, RequestContext, request_id_from
+from stockade.proxy.context import RequestContext, request_id_from
 from stockade.proxy.errors import Refusal, error_response
 from stockade.proxy.headers import client_ip, is_trusted
 from stockade.proxy.pipeline_types import Stage
@@ -24,13 +25,20 @@ log = logging.getLogger("stockade.proxy")
 Observer = Callable[[RequestContext, str], None]
 
 
+Forward = Callable[[BaseRequest, RequestContext], Awaitable[StreamResponse]]
+
+
 def make(
-    config: ProxyConfig, scheme: str, observe: Observer, checks: Sequence[Stage]
-) -> Middleware:
+    config: ProxyConfig,
+    scheme: str,
+    observe: Observer,
+    checks: Sequence[Stage],
+    forward: Forward,
+) -> Callable[[BaseRequest], Awaitable[StreamResponse]]:
+    """The whole pipeline for one listener, as aiohttp's low-level request handler."""
     trusted = config.trusted_proxies
 
-    @web.middleware
-    async def context_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def handle(request: BaseRequest) -> StreamResponse:
         peer = request.remote or "-"
         peer_trusted = bool(trusted) and is_trusted(peer, trusted)
         ctx = RequestContext(
@@ -42,13 +50,13 @@ def make(
             peer_trusted=peer_trusted,
             scheme=scheme,
         )
-        request[CTX_KEY] = ctx
+        response: StreamResponse
         try:
             for check in checks:
                 waiting = check(request, ctx)
                 if waiting is not None:
                     await waiting
-            response = await handler(request)
+            response = await forward(request, ctx)
         except Refusal as refusal:
             ctx.decision, ctx.reason = refusal.decision, refusal.reason
             response = error_response(
@@ -69,4 +77,4 @@ def make(
         observe(ctx, request.method)
         return response
 
-    return context_stage
+    return handle

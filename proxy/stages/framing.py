@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from stockade.proxy.context import RequestContext
 from stockade.proxy.errors import Refusal
 from stockade.proxy.smuggling import framing_problem
 
 
-def framing_stage(request: web.Request, ctx: RequestContext) -> None:
+def framing_stage(request: BaseRequest, ctx: RequestContext) -> None:
     version = request.version
     problem = framing_problem(request.raw_headers, version=(version.major, version.minor))
     if problem is not None:

@@ -7,7 +7,7 @@ allows them), so routing, every later stage and the upstream see one path.
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from stockade.proxy.context import RequestContext
 from stockade.proxy.errors import Refusal
@@ -17,7 +17,7 @@ from stockade.proxy.routing import Router, host_without_port
 
 
 def path_stage(router: Router, max_url_length: int) -> Stage:
-    def stage(request: web.Request, ctx: RequestContext) -> None:
+    def stage(request: BaseRequest, ctx: RequestContext) -> None:
         raw = request.raw_path
         if len(raw) > max_url_length:
             raise Refusal(414, "limit", "url_too_long", "request URL too long")

@@ -14,7 +14,6 @@ from aiohttp import web
 
 from stockade.clock import SystemClock
 from stockade.proxy.app import Gateway
-from stockade.proxy.limits import GuardedAppRunner, handler_kwargs
 from stockade.proxy.settings import HealthCheck, Listener, Pool, ProxyConfig, Route, Server
 
 
@@ -104,7 +103,7 @@ def config_for(upstreams: list[Upstream], log: Path, **route_args: Any) -> Proxy
 async def gateway(config: ProxyConfig) -> AsyncIterator[tuple[str, Gateway]]:
     gw = Gateway(config, SystemClock())
     await gw.start()
-    runner = GuardedAppRunner(gw.app("http"), config, access_log=None, **handler_kwargs(config))
+    runner = web.ServerRunner(gw.server("http"))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
