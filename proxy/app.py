@@ -47,4 +47,10 @@ class Gateway:
         X-Forwarded-Proto.
         """
         handler = pipeline(self.config, scheme, self.observe, self.forwarder.handle)
-        return GuardedServer(handler, self.config, counters, **handler_kwargs(self.config))
+        return GuardedServer(
+            handler,
+            self.config,
+            counters,
+            access_log=None,  # our access log, not aiohttp's (it costs per request too)
+            **handler_kwargs(self.config),
+        )

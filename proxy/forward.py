@@ -1,61 +1,64 @@
 """The last stage: send the request to a healthy upstream server and stream back.
 
-Bodies stream both ways in chunks (a 1 GiB upload never sits in memory).
-Connections to upstreams are pooled and kept alive per server. A request is
-retried on another server only when its method is idempotent and the
-connection to the first server failed, so the upstream cannot have seen the
-body.
+Bodies stream both ways in chunks (a 1 GiB upload never sits in memory); a
+small response with a Content-Length is sent back in one write. Connections
+to upstreams are pooled and kept alive per server (proxy/upstream_client.py).
+A request is retried on another server only when its method is idempotent
+and the connection to the first server failed, so the upstream cannot have
+seen the body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
-from yarl import URL
 
 from stockade.proxy.context import UPSTREAM_ERROR, RequestContext
 from stockade.proxy.errors import SERVER, Refusal
-from stockade.proxy.headers import end_to_end, forwarding_headers
+from stockade.proxy.headers import end_to_end, end_to_end_pairs, forwarding_headers
 from stockade.proxy.limits import BodyError, bounded_body
 from stockade.proxy.settings import Pool, ProxyConfig
 from stockade.proxy.upstream import PoolState, ServerState
+from stockade.proxy.upstream_client import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# A response this small (with a Content-Length) is read whole and sent with
+# its head in one write, instead of streamed chunk by chunk.
+SMALL_BODY = 64 * 1024
 
 
 class Upstreams:
-    """Per worker: one pooled HTTP client and one balancer per upstream pool."""
+    """Per worker: a balancer per pool, and a keep-alive connection pool per server."""
 
     def __init__(self, pools: tuple[Pool, ...], states: dict[str, PoolState]) -> None:
-        self.pools = {pool.name: pool for pool in pools}
         self.states = states
-        self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.connections: dict[str, UpstreamPool] = {}
+        for pool in pools:
+            for server in pool.servers:
+                self.connections[server.address] = UpstreamPool(
+                    server.host,
+                    server.port,
+                    max_idle=pool.max_connections_per_server,
+                    idle_timeout=pool.keepalive_timeout,
+                )
 
     async def start(self) -> None:
-        for pool in self.pools.values():
-            connector = aiohttp.TCPConnector(
-                limit=0,
-                limit_per_host=pool.max_connections_per_server,
-                keepalive_timeout=pool.keepalive_timeout,
-                use_dns_cache=True,
-                ttl_dns_cache=60,
-            )
-            self.sessions[pool.name] = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),  # never merge cookies across clients
-                auto_decompress=False,  # pass bodies through untouched
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
+        pass  # connections are made on first use
 
     async def close(self) -> None:
-        for session in self.sessions.values():
-            await session.close()
+        for pool in self.connections.values():
+            await pool.close()
 
 
 async def _counted(chunks: AsyncIterator[bytes], ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -64,17 +67,21 @@ async def _counted(chunks: AsyncIterator[bytes], ctx: RequestContext) -> AsyncIt
         yield chunk
 
 
-def _body_error(exc: BaseException) -> BodyError | None:
-    """The body limit behind an exception, if aiohttp wrapped ours."""
+def _body_error(exc: BaseException | None) -> BodyError | None:
+    """The client-body limit behind an exception, if the failure was the client's."""
     while exc is not None:
         if isinstance(exc, BodyError):
             return exc
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
-def _upstream_headers(request: BaseRequest, ctx: RequestContext) -> CIMultiDict[str]:
+def _upstream_headers(request: BaseRequest, ctx: RequestContext) -> list[tuple[str, str]]:
     headers = end_to_end(request.headers)
+    # The upstream client frames the body itself (Content-Length or chunked).
+    headers.popall("Content-Length", None)
+    if "Host" not in headers:  # HTTP/1.0 clients may leave it out; HTTP/1.1 upstreams need it
+        headers["Host"] = request.host
     forwarding_headers(
         headers,
         peer=ctx.peer_ip,
@@ -84,11 +91,11 @@ def _upstream_headers(request: BaseRequest, ctx: RequestContext) -> CIMultiDict[
         host=request.host,
         request_id=ctx.request_id,
     )
-    return headers
+    return list(headers.items())
 
 
-def _response_headers(upstream: aiohttp.ClientResponse, request_id: str) -> CIMultiDict[str]:
-    headers = end_to_end(upstream.headers)
+def _response_headers(upstream: UpstreamResponse, request_id: str) -> CIMultiDict[str]:
+    headers = end_to_end_pairs(upstream.headers)
     headers["X-Request-ID"] = request_id
     headers.setdefault("Server", SERVER)  # the upstream's own, else ours (never aiohttp's)
     return headers
@@ -103,17 +110,13 @@ class Forwarder:
         route = ctx.route
         assert route is not None, "routing runs before forwarding"
         state = self.upstreams.states[route.pool]
-        session = self.upstreams.sessions[route.pool]
+        method = request.method
         has_body = request.body_exists
-        attempts = 1 + (route.retries if request.method in IDEMPOTENT else 0)
-        tried: set[str] = set()
+        attempts = 1 + (route.retries if method in IDEMPOTENT else 0)
         headers = _upstream_headers(request, ctx)
-        query = request.rel_url.raw_query_string
-        timeout = aiohttp.ClientTimeout(
-            total=route.total_timeout,
-            sock_connect=route.connect_timeout,
-            sock_read=route.read_timeout,
-        )
+        query = request.query_string
+        target = f"{ctx.path}?{query}" if query else ctx.path
+        tried: set[str] = set()
         for _ in range(attempts):
             server = state.pick(exclude=tried)
             if server is None:
@@ -122,17 +125,9 @@ class Forwarder:
                 raise Refusal(
                     503, UPSTREAM_ERROR, "no_healthy_server", "no healthy upstream server"
                 )
-            tried.add(server.server.address)
-            ctx.upstream = server.server.address
-            url = URL.build(
-                scheme="http",
-                host=server.server.host,
-                port=server.server.port,
-                path=ctx.path,
-                query_string=query,
-                encoded=True,
-            )
-            data = (
+            tried.add(server.address)
+            ctx.upstream = server.address
+            body = (
                 _counted(
                     bounded_body(
                         request.content, route.max_body_size, self.config.body_idle_timeout
@@ -145,17 +140,24 @@ class Forwarder:
             state.begin(server)
             started = time.monotonic()
             try:
-                upstream = await session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=timeout,
-                    compress=None,
-                    auto_decompress=False,
-                )
-            except aiohttp.ClientConnectorError:
+                # total_timeout bounds the time to the response head; the body
+                # then streams with read_timeout between chunks
+                async with asyncio.timeout(route.total_timeout):
+                    upstream = await self.upstreams.connections[server.address].request(
+                        method,
+                        target,
+                        headers,
+                        body,
+                        content_length=request.content_length if has_body else None,
+                        connect_timeout=route.connect_timeout,
+                        read_timeout=route.read_timeout,
+                    )
+            except UpstreamConnectError as exc:
+                if isinstance(exc, UpstreamTimeout):
+                    state.finish(server, ok=False)
+                    raise Refusal(
+                        504, UPSTREAM_ERROR, "upstream_timeout", "upstream connect timed out"
+                    ) from None
                 state.finish(server, ok=False)
                 continue  # nothing reached the server: safe to try another
             except Exception as exc:
@@ -175,9 +177,9 @@ class Forwarder:
             state.finish(server, ok=True)
             return Refusal(body_error.status, "limit", body_error.reason, str(body_error))
         state.finish(server, ok=False)
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, UpstreamTimeout | TimeoutError):
             return Refusal(504, UPSTREAM_ERROR, "upstream_timeout", "upstream timed out")
-        if isinstance(exc, aiohttp.ClientError):
+        if isinstance(exc, UpstreamError):
             return Refusal(502, UPSTREAM_ERROR, "upstream_failed", "upstream failed")
         return exc
 
@@ -185,24 +187,34 @@ class Forwarder:
         self,
         request: BaseRequest,
         ctx: RequestContext,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         started: float,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=_response_headers(upstream, ctx.request_id),
-        )
-        if upstream.content_length is not None and "Content-Length" not in response.headers:
-            response.content_length = upstream.content_length
+        headers = _response_headers(upstream, ctx.request_id)
         ctx.upstream_time = time.monotonic() - started
+        length = upstream.content_length
+        if request.method != "HEAD" and length is not None and length <= SMALL_BODY:
+            try:
+                body = await upstream.read()
+            except UpstreamError:
+                raise Refusal(
+                    502, UPSTREAM_ERROR, "upstream_failed", "upstream failed mid-response"
+                ) from None
+            headers.popall("Content-Length", None)  # web.Response sets it from the body
+            ctx.bytes_out = len(body)
+            return web.Response(
+                status=upstream.status, reason=upstream.reason, headers=headers, body=body
+            )
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
         await response.prepare(request)
         if request.method != "HEAD":
             try:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream:
                     ctx.bytes_out += len(chunk)
                     await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError):
+            except UpstreamError:
                 # Headers are already sent: all that is left is to cut the
                 # connection so the client sees a truncated response.
                 ctx.decision, ctx.reason = UPSTREAM_ERROR, "upstream_broke_mid_response"

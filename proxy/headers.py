@@ -40,6 +40,15 @@ def end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
+def end_to_end_pairs(pairs: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
+    """end_to_end() for headers as received from an upstream: (name, value) pairs."""
+    drop = set(HOP_BY_HOP)
+    for name, value in pairs:
+        if name.lower() == "connection":
+            drop.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return CIMultiDict((k, v) for k, v in pairs if k.lower() not in drop)
+
+
 def is_trusted(ip: str, trusted: Sequence[Network]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
