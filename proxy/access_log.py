@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import time
@@ -18,6 +19,11 @@ from stockade.proxy.context import RequestContext
 
 BUFFER = 64 * 1024
 FLUSH_INTERVAL = 1.0
+
+
+@functools.cache
+def _json_name(name: str) -> str:
+    return json.dumps(name)
 
 
 class AccessLog:
@@ -31,23 +37,24 @@ class AccessLog:
         self._flusher: asyncio.Task[None] | None = None
 
     def write(self, ctx: RequestContext, method: str) -> None:
-        record = {
-            "time": round(time.time(), 3),
-            "request_id": ctx.request_id,
-            "client_ip": ctx.client_ip,
-            "method": method,
-            "path": ctx.path,
-            "route": ctx.route.name if ctx.route else None,
-            "status": ctx.status,
-            "bytes_in": ctx.bytes_in,
-            "bytes_out": ctx.bytes_out,
-            "upstream": ctx.upstream or None,
-            "upstream_time": None if ctx.upstream_time is None else round(ctx.upstream_time, 6),
-            "total_time": round(time.monotonic() - ctx.started, 6),
-            "decision": ctx.decision,
-            "reason": ctx.reason or None,
-        }
-        self._out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        # Formatted by hand: json.dumps of a dict was a tenth of a request's
+        # CPU. Every string here is JSON-safe by construction (a validated
+        # request id, an IP, an HTTP token, a normalized path with unsafe
+        # characters percent-encoded, fixed reason codes, host:port) except
+        # the route's name from the config, which is escaped once.
+        route = ctx.route
+        route_json = _json_name(route.name) if route else "null"
+        upstream = f'"{ctx.upstream}"' if ctx.upstream else "null"
+        up_time = "null" if ctx.upstream_time is None else f"{ctx.upstream_time:.6f}"
+        reason = f'"{ctx.reason}"' if ctx.reason else "null"
+        self._out.write(
+            f'{{"time":{time.time():.3f},"request_id":"{ctx.request_id}",'
+            f'"client_ip":"{ctx.client_ip}","method":"{method}","path":"{ctx.path}",'
+            f'"route":{route_json},"status":{ctx.status},"bytes_in":{ctx.bytes_in},'
+            f'"bytes_out":{ctx.bytes_out},"upstream":{upstream},"upstream_time":{up_time},'
+            f'"total_time":{time.monotonic() - ctx.started:.6f},"decision":"{ctx.decision}",'
+            f'"reason":{reason}}}\n'
+        )
 
     def flush(self) -> None:
         with contextlib.suppress(OSError):  # a full disk must not stop the proxy

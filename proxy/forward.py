@@ -139,19 +139,24 @@ class Forwarder:
             )
             state.begin(server)
             started = time.monotonic()
+            sending = self.upstreams.connections[server.address].request(
+                method,
+                target,
+                headers,
+                body,
+                content_length=request.content_length if has_body else None,
+                connect_timeout=route.connect_timeout,
+                read_timeout=route.read_timeout,
+            )
             try:
-                # total_timeout bounds the time to the response head; the body
-                # then streams with read_timeout between chunks
-                async with asyncio.timeout(route.total_timeout):
-                    upstream = await self.upstreams.connections[server.address].request(
-                        method,
-                        target,
-                        headers,
-                        body,
-                        content_length=request.content_length if has_body else None,
-                        connect_timeout=route.connect_timeout,
-                        read_timeout=route.read_timeout,
-                    )
+                # total_timeout bounds the time to the response head (the body
+                # then streams with read_timeout between chunks). A timer costs
+                # per request, so it is armed only where it is the tighter bound.
+                if route.total_timeout < route.connect_timeout + route.read_timeout:
+                    async with asyncio.timeout(route.total_timeout):
+                        upstream = await sending
+                else:
+                    upstream = await sending
             except UpstreamConnectError as exc:
                 if isinstance(exc, UpstreamTimeout):
                     state.finish(server, ok=False)

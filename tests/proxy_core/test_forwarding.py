@@ -208,3 +208,42 @@ def test_no_route_and_bad_path(tmp_path: Path) -> None:
                 await up.stop()
 
     run(scenario())
+
+
+def test_total_timeout_bounds_the_wait_for_the_response_head(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ups = await two_upstreams()
+        try:
+            config = with_route(config_for(ups, tmp_path / "log"), total_timeout=0.3)
+            async with gateway(config) as (url, _), aiohttp.ClientSession() as s:
+                started = time.monotonic()
+                async with s.get(f"{url}/slow") as r:
+                    assert r.status == 504
+                assert time.monotonic() - started < 2
+        finally:
+            for up in ups:
+                await up.stop()
+
+    run(scenario())
+
+
+def test_access_log_lines_are_valid_json_whatever_the_route_name(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ups = await two_upstreams()
+        log = tmp_path / "access.log"
+        try:
+            config = with_route(config_for(ups, log), name='we"ird\\name')
+            async with gateway(config) as (url, _), aiohttp.ClientSession() as s:
+                async with s.get(f"{url}/a/'b'(c)!*?x=1") as r:
+                    assert r.status == 200
+                async with s.get(f"{url}/%2F") as r:
+                    assert r.status == 400
+            lines = log_lines(log)  # json.loads on every line
+            assert [line["route"] for line in lines] == ['we"ird\\name', None]
+            assert lines[0]["path"] == "/a/'b'(c)!*"
+            assert lines[1]["decision"] == "path" and lines[1]["reason"] == "encoded_slash"
+        finally:
+            for up in ups:
+                await up.stop()
+
+    run(scenario())
