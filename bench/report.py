@@ -642,9 +642,9 @@ the kernel's part (system calls, and the loopback TCP work they do) is
 Wall-clock samples (without `--gil`) put 25-40% of the worker in the
 transport's `write` in trial runs here: on two busy CPUs a `send()` that
 wakes wrk or the upstream is where the worker gets preempted, which is
-waiting, not cost. The stages are nested middlewares, so the difference
-between two successive stages' inclusive shares is that stage's own cost. "Self" is where the
-worker was when sampled; "inclusive" is every function on the stack,
+waiting, not cost. The stages are plain functions called in turn from one
+handler (proxy/stages/context.py), so each one's inclusive share is its own
+cost. "Self" is where the worker was when sampled; "inclusive" is every function on the stack,
 leaving out the standard library (asyncio's loop) and the worker's entry
 frames, which are on every stack. At {us:.0f} µs of CPU per request (the
 median above), {user:.0f} µs of it in user space, 10% of these samples is
