@@ -123,6 +123,39 @@ def test_upload_of_1gib_streams_in_bounded_memory(tmp_path: Path, upstream: int)
         assert peak - before < 64 * 1024, f"worker RSS grew by {peak - before} KiB"
 
 
+def test_download_of_1gib_streams_in_bounded_memory(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    with running_proxy(config(port, upstream, workers=1), tmp_path, port) as proxy:
+        (worker,) = proxy.wait_workers(1)
+        http_get(port, "/warm")
+        before = proxy.rss_kib(worker)
+        size = 1 << 30
+        received = 0
+        peak = before
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(
+                f"GET /bytes/{size} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536)
+            head, _, rest = head.partition(b"\r\n\r\n")
+            received = len(rest)
+            reads = 0
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+                reads += 1
+                if reads < 300:
+                    # a slow reader first: without back-pressure the gateway
+                    # would buffer what the faster upstream sends meanwhile
+                    time.sleep(0.005)
+                if reads % 16 == 0:
+                    peak = max(peak, proxy.rss_kib(worker))
+        assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {size}".encode() in head
+        assert received == size
+        assert peak - before < 64 * 1024, f"worker RSS grew by {peak - before} KiB"
+
+
 def test_refuses_to_start_with_the_pure_python_parser(tmp_path: Path, upstream: int) -> None:
     port = free_port()
     path = tmp_path / "stockade.toml"

@@ -2,7 +2,8 @@
 
     python upstream_app.py PORT
 
-GET /health -> 200; GET /slow -> 200 after 2 s; anything else counts the
+GET /health -> 200; GET /slow -> 200 after 2 s; GET /bytes/N streams N
+bytes; anything else counts the
 request body and answers {"body_size": N, "path": ...}.
 """
 
@@ -14,10 +15,21 @@ import sys
 from aiohttp import web
 
 
-async def handle(request: web.Request) -> web.Response:
+async def handle(request: web.Request) -> web.StreamResponse:
     tail = request.match_info["tail"]
     if tail == "slow":
         await asyncio.sleep(2)
+    if tail.startswith("bytes/"):  # a streamed download of N bytes
+        left = int(tail.split("/")[1])
+        response = web.StreamResponse()
+        response.content_length = left
+        await response.prepare(request)
+        block = b"y" * (1 << 20)
+        while left:
+            await response.write(block[: min(left, len(block))])
+            left -= min(left, len(block))
+        await response.write_eof()
+        return response
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
