@@ -18,7 +18,7 @@ from stockade.config_fields import ConfigError, Section
 from stockade.proxy.settings import ProxyConfig, parse_proxy
 
 __all__ = ["Config", "ConfigError", "ControllerConfig", "XdpConfig", "load_config", "parse_config"]
-from stockade.targets import Network, TargetError, parse_target
+from stockade.targets import Network
 
 DEFAULT_PATH = Path("/etc/stockade/stockade.toml")
 ENV_PATH = "STOCKADE_CONFIG"
@@ -101,19 +101,12 @@ def _xdp(section: Section) -> XdpConfig:
     mode = section.get("mode", str, d.mode)
     if mode not in XDP_MODES:
         raise ConfigError(f"{section.key('mode')}: {mode!r} is not one of {', '.join(XDP_MODES)}")
-    networks = []
-    for text in section.get("management_networks", list, []):
-        if not isinstance(text, str):
-            raise ConfigError(f"{section.key('management_networks')}: {text!r} is not a string")
-        try:
-            networks.append(parse_target(text))
-        except TargetError as exc:
-            raise ConfigError(f"{section.key('management_networks')}: {exc}") from None
+    networks = section.networks("management_networks")
     config = XdpConfig(
         interfaces=tuple(interfaces),
         mode=mode,
         monitor=section.get("monitor", bool, d.monitor),
-        management_networks=tuple(networks),
+        management_networks=networks,
         syn_rate=section.integer("syn_rate", d.syn_rate, 0, 1_000_000),
         syn_burst=section.integer("syn_burst", d.syn_burst, 1, 10_000_000),
         ipv6_rate_prefix=section.integer("ipv6_rate_prefix", d.ipv6_rate_prefix, 1, 128),
