@@ -233,7 +233,7 @@ def load_key_file(path: Path) -> list[_Key]:
         return [_make_key(None, public, None)]
     try:
         keys, _ = parse_jwks(json.loads(data))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise ValueError(f"JWT key file {path}: not PEM, JWK or JWKS ({exc})") from None
     if not keys:
         raise ValueError(f"JWT key file {path}: no key usable for signature checks")
@@ -300,6 +300,8 @@ class JwtVerifier:
 
     async def verify(self, token: str, issuers: Collection[str] | None = None) -> Mapping[str, Any]:
         """The verified claims, or JwtError. `issuers`: the config names this route accepts."""
+        if self._session is None:
+            raise RuntimeError("JwtVerifier.verify() before start() or after close()")
         if not token:
             raise JwtError("missing", "no bearer token")
         # Before any parsing: an attacker's 1 MB token costs a len(), nothing more.
@@ -466,7 +468,11 @@ class JwtVerifier:
             if len(body) > JWKS_MAX_BYTES:
                 raise ValueError("JWKS too large")
             keys, skipped = parse_jwks(json.loads(body))
-        except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as exc:
+            if not keys:
+                # as PyJWKSet does: an empty set is a broken answer, not a retirement of
+                # every key, so the known keys stay
+                raise ValueError(f"no usable key ({skipped} skipped)")
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
             # Known keys stay in use; unknown kids fail closed until a fetch succeeds.
             # Fetches are rate-limited, so this logs at most once per refresh interval.
             log.warning(

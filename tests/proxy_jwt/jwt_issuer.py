@@ -110,7 +110,7 @@ def raw_token(header: dict[str, Any], payload: dict[str, Any], hmac_key: bytes |
 class JwksServer:
     """A JWKS endpoint on 127.0.0.1 that counts fetches and can be made to fail."""
 
-    keys: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[Any] = field(default_factory=list)  # JWKs, or junk for the tests
     fetches: int = 0
     down: bool = False
     port: int = 0
@@ -131,11 +131,8 @@ class JwksServer:
         app.router.add_get("/.well-known/jwks.json", self.handle)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = self.runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -168,7 +165,7 @@ def inhouse(url: str, **overrides: Any) -> IssuerConfig:
 @asynccontextmanager
 async def issuer_env(
     *configs: IssuerConfig | None,
-    keys: list[dict[str, Any]] | None = None,
+    keys: list[Any] | None = None,
     down: bool = False,
     **verifier_args: Any,
 ) -> AsyncIterator[tuple[JwtVerifier, JwksServer, FakeClock]]:

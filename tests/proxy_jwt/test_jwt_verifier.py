@@ -87,7 +87,7 @@ def test_claims_refused(description: str, overrides: dict[str, Any], expected: s
     async def scenario() -> None:
         async with issuer_env() as (verifier, _, clock):
             now = int(clock.wall())
-            relative = {
+            relative: dict[str, Any] = {
                 k: now + v if k in ("exp", "nbf", "iat") and isinstance(v, int) else v
                 for k, v in overrides.items()
             }
@@ -600,6 +600,31 @@ def test_missing_key_file_names_the_file(tmp_path: Path) -> None:
 def test_config_validation(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         JwtVerifier([inhouse("http://127.0.0.1:9/", **overrides)])
+
+
+def test_broken_or_empty_jwks_keeps_the_known_keys(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with issuer_env() as (verifier, server, clock):
+            for junk in ([[[]]], "x" * 10, [], [public_jwk("rsa", "k1", use="enc")]):
+                server.keys = junk
+                clock.advance(301)
+                assert await reason(verifier, mint(clock, kid="new")) == "unknown_kid"
+                await verifier.verify(mint(clock, kid="k1", sub=str(junk)))
+            assert server.fetches == 5
+            failures = [r for r in caplog.records if "failed" in r.getMessage()]
+            assert len(failures) == 4
+
+    with caplog.at_level(logging.INFO, logger="stockade.proxy.jwt"):
+        run(scenario())
+
+
+def test_verify_before_start_is_a_programming_error() -> None:
+    async def scenario() -> None:
+        verifier = JwtVerifier([inhouse("http://127.0.0.1:9/")])
+        with pytest.raises(RuntimeError, match="before start"):
+            await verifier.verify("x")
+
+    run(scenario())
 
 
 def test_duplicate_issuer_names_refused() -> None:
