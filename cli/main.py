@@ -18,6 +18,7 @@ import click
 
 from stockade import __version__
 from stockade.cli import output
+from stockade.cli.apikey_cmds import apikey_group
 from stockade.cli.client import call
 from stockade.cli.context import (
     ENV_SOCKET,
@@ -350,6 +351,7 @@ cli.add_command(controller)
 cli.add_command(detach)
 cli.add_command(proxy)
 cli.add_command(run_all)
+cli.add_command(apikey_group, "apikey")
 cli.add_command(lab_group, "lab")
 
 

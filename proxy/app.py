@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from stockade.clock import Clock
 from stockade.proxy.access_log import AccessLog
+from stockade.proxy.auth_setup import build_authenticator
 from stockade.proxy.context import RequestContext
 from stockade.proxy.forward import Forwarder, Upstreams
 from stockade.proxy.health import HealthChecker
@@ -23,11 +24,14 @@ class Gateway:
         self.checkers = [HealthChecker(states[pool.name], clock) for pool in config.pools]
         self.access_log = AccessLog(config.access_log)
         self.forwarder = Forwarder(config, self.upstreams)
+        self.auth = build_authenticator(config.auth, clock)
 
     def observe(self, ctx: RequestContext, method: str) -> None:
         self.access_log.write(ctx, method)
 
     async def start(self) -> None:
+        if self.auth.verifier is not None:
+            await self.auth.verifier.start()
         self.access_log.start()
         await self.upstreams.start()
         for checker in self.checkers:
@@ -37,6 +41,8 @@ class Gateway:
         for checker in self.checkers:
             await checker.stop()
         await self.upstreams.close()
+        if self.auth.verifier is not None:
+            await self.auth.verifier.close()
         await self.access_log.close()
 
     def server(self, scheme: str, counters: LimitCounters | None = None) -> GuardedServer:
@@ -46,7 +52,9 @@ class Gateway:
         handler machinery would only cost time. The scheme goes into
         X-Forwarded-Proto.
         """
-        handler = pipeline(self.config, scheme, self.observe, self.forwarder.handle)
+        handler = pipeline(
+            self.config, scheme, self.observe, self.forwarder.handle, self.auth.stage()
+        )
         return GuardedServer(
             handler,
             self.config,

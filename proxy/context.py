@@ -34,6 +34,9 @@ class RequestContext:
     upstream_time: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    consumer: str | None = None  # who authenticated: JWT sub or the API key's consumer
+    plan: str | None = None
+    auth_headers: list[tuple[str, str]] = field(default_factory=list)  # set upstream
 
 
 class RequestIds:

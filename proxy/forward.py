@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
+from stockade.proxy.auth_settings import AuthConfig
 from stockade.proxy.context import UPSTREAM_ERROR, RequestContext
 from stockade.proxy.errors import SERVER, Refusal
 from stockade.proxy.headers import end_to_end, end_to_end_pairs, forwarding_headers
@@ -76,8 +77,22 @@ def _body_error(exc: BaseException | None) -> BodyError | None:
     return None
 
 
-def _upstream_headers(request: BaseRequest, ctx: RequestContext) -> list[tuple[str, str]]:
+def _upstream_headers(
+    request: BaseRequest, ctx: RequestContext, auth: AuthConfig
+) -> list[tuple[str, str]]:
     headers = end_to_end(request.headers)
+    route = ctx.route
+    assert route is not None
+    policy = route.auth
+    # Headers the gateway vouches for are never taken from the client, on any route.
+    headers.popall(auth.consumer_header, None)
+    for name in policy.headers_set:
+        headers.popall(name, None)
+    if not policy.forward_authorization:
+        headers.popall("Authorization", None)
+        headers.popall(auth.api_key_header, None)
+    for name, value in ctx.auth_headers:
+        headers[name] = value
     # The upstream client frames the body itself (Content-Length or chunked).
     headers.popall("Content-Length", None)
     if "Host" not in headers:  # HTTP/1.0 clients may leave it out; HTTP/1.1 upstreams need it
@@ -113,7 +128,7 @@ class Forwarder:
         method = request.method
         has_body = request.body_exists
         attempts = 1 + (route.retries if method in IDEMPOTENT else 0)
-        headers = _upstream_headers(request, ctx)
+        headers = _upstream_headers(request, ctx, self.config.auth)
         query = request.query_string
         target = f"{ctx.path}?{query}" if query else ctx.path
         tried: set[str] = set()

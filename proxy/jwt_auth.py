@@ -390,11 +390,12 @@ class JwtVerifier:
 
     @staticmethod
     def _candidates(state: _Issuer, alg: str, kid: str | None) -> list[_Key]:
-        # A token without a kid may be checked against every key that fits its alg.
+        # A token without a kid may be checked against every key that fits its
+        # alg; a key without a kid (a PEM file) against any token's kid.
         return [
             k
             for k in state.all_keys()
-            if (kid is None or k.kid == kid)
+            if (kid is None or k.kid is None or k.kid == kid)
             and (k.alg is None or k.alg == alg)
             and key_fits(alg, k.key)
         ]

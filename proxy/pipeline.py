@@ -1,6 +1,6 @@
 """The order of the request stages, in one place.
 
-    context -> framing -> path + route -> body limit -> [auth, WAF, rate limits] -> forward
+    context -> framing -> path + route -> body limit -> auth -> [WAF, rate limits] -> forward
 
 Each stage either passes the request on or raises a Refusal, which the
 context stage answers (JSON, with the request id), logs and counts.
@@ -22,11 +22,13 @@ from stockade.proxy.stages.framing import framing_stage
 from stockade.proxy.stages.path import path_stage
 
 
-def checks(config: ProxyConfig) -> list[Stage]:
+def checks(config: ProxyConfig, auth: Stage) -> list[Stage]:
     return [
         framing_stage,
         path_stage(Router(config.routes), config.max_url_length),
         body_limit_stage,
+        auth,
+        # the WAF and rate-limit stages of later issues go here
     ]
 
 
@@ -35,6 +37,7 @@ def pipeline(
     scheme: str,
     observe: context_stage.Observer,
     forward: context_stage.Forward,
+    auth: Stage,
 ) -> Callable[[BaseRequest], Awaitable[StreamResponse]]:
     """The request handler for one listener: context, the checks in order, then forward."""
-    return context_stage.make(config, scheme, observe, checks(config), forward)
+    return context_stage.make(config, scheme, observe, checks(config, auth), forward)

@@ -25,11 +25,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stockade.config_fields import ConfigError, Section
+from stockade.proxy.auth_settings import AuthConfig, RouteAuth, parse_auth, parse_route_auth
 from stockade.targets import Network
 
 BALANCE_POLICIES = ("round_robin", "least_outstanding")
@@ -115,6 +116,7 @@ class Route:
     max_body_size: int = 10 * 1024 * 1024
     allow_encoded_slash: bool = False  # %2F in the path
     allow_encoded_dots: bool = False  # %2E segments such as %2e%2e
+    auth: RouteAuth = field(default_factory=RouteAuth)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class ProxyConfig:
     max_connections: int = 10_000  # per worker
     drain_timeout: float = 30.0  # in-flight requests get this long on SIGTERM
     status_dir: Path = Path("/run/stockade/proxy")  # per-worker state for `stockade status`
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def worker_count(self) -> int:
@@ -250,10 +253,7 @@ def _pool(name: str, section: Section) -> Pool:
             f"{section.key('balance')}: {balance!r} is not one of {', '.join(BALANCE_POLICIES)}"
         )
     d = Pool(name, servers)
-    # slow start is off unless given; "0s" also turns it off
-    slow_start = 0.0
-    if section.get("slow_start", str, "0s") != "0s":
-        slow_start = section.duration("slow_start", 0.0)
+    slow_start = section.duration("slow_start", 0.0, allow_zero=True)  # off unless given
     pool = Pool(
         name=name,
         servers=servers,
@@ -270,7 +270,7 @@ def _pool(name: str, section: Section) -> Pool:
     return pool
 
 
-def _route(index: int, section: Section, pools: set[str]) -> Route:
+def _route(index: int, section: Section, pools: set[str], auth: AuthConfig) -> Route:
     pool = section.get("pool", str, "")
     if pool not in pools:
         known = ", ".join(sorted(pools)) or "none defined"
@@ -296,6 +296,7 @@ def _route(index: int, section: Section, pools: set[str]) -> Route:
         max_body_size=section.size("max_body_size", d.max_body_size, 0, 1 << 40),
         allow_encoded_slash=section.get("allow_encoded_slash", bool, d.allow_encoded_slash),
         allow_encoded_dots=section.get("allow_encoded_dots", bool, d.allow_encoded_dots),
+        auth=parse_route_auth(section, auth),
     )
     section.finish()
     return route
@@ -315,8 +316,9 @@ def parse_proxy(section: Section) -> ProxyConfig:
     if len({(li.address, li.port) for li in listeners}) != len(listeners):
         raise ConfigError(f"{section.key('listeners')}: two listeners on the same address:port")
     names = {p.name for p in pools}
+    auth = parse_auth(section.subsection("auth"))
     routes = tuple(
-        _route(i, Section(f"{section.key('routes')}[{i}]", raw), names)
+        _route(i, Section(f"{section.key('routes')}[{i}]", raw), names, auth)
         for i, raw in enumerate(section.get("routes", list, []))
     )
     if len({r.name for r in routes}) != len(routes):
@@ -344,6 +346,7 @@ def parse_proxy(section: Section) -> ProxyConfig:
         max_connections=section.integer("max_connections", d.max_connections, 1, 1_000_000),
         drain_timeout=section.duration("drain_timeout", d.drain_timeout),
         status_dir=section.path("status_dir", d.status_dir),
+        auth=auth,
     )
     section.finish()
     if config.access_log != "-" and not config.access_log.startswith("/"):

@@ -25,7 +25,9 @@ from aiohttp import web
 
 from stockade.clock import SystemClock
 from stockade.config import Config
+from stockade.proxy.api_keys import ApiKeyError
 from stockade.proxy.app import Gateway
+from stockade.proxy.auth_setup import AuthSetupError, api_key_entries, issuer_configs
 from stockade.proxy.context import reset_request_ids
 from stockade.proxy.limits import GuardedAppRunner, LimitCounters, handler_kwargs
 from stockade.proxy.parser_check import require_c_parser
@@ -210,6 +212,11 @@ class Master:
         if not self.config.routes:
             log.warning("no [[proxy.routes]]: every request will get 404")
         load_tls(self.config)  # fail at start, in the master, on a bad certificate
+        try:  # and on a bad API keys file or JWT secret
+            api_key_entries(self.config.auth)
+            issuer_configs(self.config.auth)
+        except (ApiKeyError, AuthSetupError) as exc:
+            raise ProxyStartupError(str(exc)) from None
         self.config.status_dir.mkdir(parents=True, exist_ok=True)
         clear(self.config.status_dir)
         if self.config.user is not None:

@@ -63,10 +63,12 @@ class Section:
             raise ConfigError(f"{self.key(key)}: {value} is out of range ({low}..{high})")
         return value
 
-    def duration(self, key: str, default: float) -> float:
+    def duration(self, key: str, default: float, *, allow_zero: bool = False) -> float:
         value = self.get(key, str, None)
         if value is None:
             return default
+        if allow_zero and value.strip() in ("0", "0s"):
+            return 0.0
         try:
             return float(parse_duration(value))
         except DurationError as exc:

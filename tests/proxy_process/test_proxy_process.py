@@ -328,3 +328,21 @@ def test_run_starts_controller_and_proxy_and_stops_both(tmp_path: Path, upstream
         import shutil
 
         shutil.rmtree(pin_root, ignore_errors=True)
+
+
+def test_a_missing_api_keys_file_stops_the_proxy_at_start(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    missing = tmp_path / "keys.toml"
+    text = config(port, upstream, workers=1).replace(
+        "[[proxy.listeners]]", f'[proxy.auth]\napi_keys_file = "{missing}"\n[[proxy.listeners]]', 1
+    )
+    path = tmp_path / "stockade.toml"
+    path.write_text(text.replace("{status_dir}", str(tmp_path)))
+    result = subprocess.run(
+        [*STOCKADE, "--config", str(path), "proxy", "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert str(missing) in result.stderr
