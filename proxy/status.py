@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,13 @@ class StatusPublisher:
         index: int,
         pools: dict[str, PoolState],
         counters: LimitCounters,
+        auth_failures: Mapping[str, int],
     ) -> None:
         self.path = path
         self.index = index
         self.pools = pools
         self.counters = counters
+        self.auth_failures = auth_failures
         self.started = time.time()
         self._task: asyncio.Task[None] | None = None
 
@@ -57,6 +60,7 @@ class StatusPublisher:
             "updated": time.time(),
             "pools": {name: state.snapshot() for name, state in self.pools.items()},
             "limits": asdict(self.counters),
+            "auth_failures": dict(self.auth_failures),
         }
 
     async def _run(self) -> None:

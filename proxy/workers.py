@@ -112,7 +112,11 @@ async def _serve(
     await gateway.start()
     counters = LimitCounters()  # shared by every listener: max_connections is per worker
     publisher = StatusPublisher(
-        worker_file(config.status_dir, index), index, gateway.upstreams.states, counters
+        worker_file(config.status_dir, index),
+        index,
+        gateway.upstreams.states,
+        counters,
+        gateway.auth.failures,
     )
     publisher.start()
     stop = asyncio.Event()

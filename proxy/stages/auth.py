@@ -10,6 +10,7 @@ scope or claims the route needs. The token never reaches a log.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
@@ -92,6 +93,7 @@ class Authenticator:
         self.config = config
         self.verifier = verifier
         self.keys = keys
+        self.failures: Counter[str] = Counter()  # refusals by reason, for status and metrics
 
     def stage(self) -> Stage:
         def auth_stage(request: BaseRequest, ctx: RequestContext) -> Awaitable[None] | None:
@@ -99,9 +101,16 @@ class Authenticator:
             assert route is not None, "the path stage runs first"
             if route.auth.mode == "none":
                 return None  # no coroutine at all for open routes
-            return self._authenticate(request, ctx, route.auth)
+            return self._counted(request, ctx, route.auth)
 
         return auth_stage
+
+    async def _counted(self, request: BaseRequest, ctx: RequestContext, policy: RouteAuth) -> None:
+        try:
+            await self._authenticate(request, ctx, policy)
+        except Refusal as refusal:
+            self.failures[refusal.reason] += 1
+            raise
 
     async def _authenticate(
         self, request: BaseRequest, ctx: RequestContext, policy: RouteAuth

@@ -162,3 +162,23 @@ def test_open_route_strips_a_spoofed_consumer_header(tmp_path: Path) -> None:
             await up.stop()
 
     run(scenario())
+
+
+def test_refusals_are_counted_by_reason(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
+    async def scenario() -> None:
+        up = Upstream("a")
+        await up.start()
+        try:
+            config = with_auth(
+                config_for([up], tmp_path / "log"), auth_config(tmp_path, rsa_key, []), JWT_POLICY
+            )
+            expired = token(rsa_key, exp=int(time.time()) - 3600)
+            async with gateway(config) as (url, gw), aiohttp.ClientSession() as s:
+                for headers in ({}, {"Authorization": f"Bearer {expired}"}, {}):
+                    async with s.get(f"{url}/x", headers=headers) as r:
+                        assert r.status == 401
+                assert gw.auth.failures == {"missing": 2, "expired": 1}
+        finally:
+            await up.stop()
+
+    run(scenario())
