@@ -132,6 +132,16 @@ class Target:
     processes: int = 1  # how many processes the proxy should have, master included
 
 
+@dataclass(frozen=True)
+class Load:
+    """What wrk sends: the path, extra headers, and its Lua script with its arguments."""
+
+    path: str = PATH
+    headers: tuple[str, ...] = ()  # "Name: value", passed with -H
+    script: Path = WRK_SCRIPT
+    script_args: tuple[str, ...] = ()  # after "--", for the script's init(args)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -139,10 +149,10 @@ def free_port() -> int:
         return port
 
 
-def get(port: int) -> tuple[int, bytes]:
+def get(port: int, path: str = PATH, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(HOST, port, timeout=2)
     try:
-        conn.request("GET", PATH)
+        conn.request("GET", path, headers=headers or {})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -262,23 +272,18 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def wrk_argv(port: int, duration: int) -> list[str]:
-    return [
-        "wrk",
-        f"-t{THREADS}",
-        f"-c{CONNECTIONS}",
-        f"-d{duration}s",
-        "--latency",
-        "-s",
-        str(WRK_SCRIPT),
-        f"http://{HOST}:{port}{PATH}",
-    ]
+def wrk_argv(port: int, duration: int, load: Load = Load()) -> list[str]:
+    argv = ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency"]
+    for header in load.headers:
+        argv += ["-H", header]
+    argv += ["-s", str(load.script), f"http://{HOST}:{port}{load.path}"]
+    return [*argv, "--", *load.script_args] if load.script_args else argv
 
 
-def run_wrk(port: int, duration: int) -> dict[str, Any]:
+def run_wrk(port: int, duration: int, load: Load = Load()) -> dict[str, Any]:
     """One bounded wrk run (-d); its summary from bench/wrk_report.lua."""
     result = subprocess.run(
-        wrk_argv(port, duration),
+        wrk_argv(port, duration, load),
         capture_output=True,
         text=True,
         timeout=duration + 30,
@@ -291,13 +296,15 @@ def run_wrk(port: int, duration: int) -> dict[str, Any]:
     return summary
 
 
-def measure(target: Target, upstream_pid: int, duration: int) -> dict[str, Any]:
+def measure(
+    target: Target, upstream_pid: int, duration: int, load: Load = Load()
+) -> dict[str, Any]:
     pids = process_tree(target.pid) if target.pid is not None else []
     if target.pid is not None and len(pids) != target.processes:
         raise BenchError(f"{target.name}: {len(pids)} processes, expected {target.processes}")
     proxy_before, upstream_before = cpu_seconds(pids), sum(cpu_seconds([upstream_pid]))
     (busy_before, steal_before), wrk_before = host_cpu(), children_cpu()
-    wrk = run_wrk(target.port, duration)
+    wrk = run_wrk(target.port, duration, load)
     (busy_after, steal_after), wrk_after = host_cpu(), children_cpu()
     proxy_after, upstream_after = cpu_seconds(pids), sum(cpu_seconds([upstream_pid]))
     if target.pid is not None and process_tree(target.pid) != pids:
@@ -379,15 +386,15 @@ def summarize_profile(raw: str, top: int = 15) -> dict[str, Any]:
     }
 
 
-def profile_worker(target: Target, seconds: int, tmp: Path) -> dict[str, Any]:
+def profile_worker(target: Target, seconds: int, tmp: Path, load: Load = Load()) -> dict[str, Any]:
     """py-spy on one stockade worker while wrk loads all of them; not a measurement."""
     if not PY_SPY.exists():
         raise BenchError(f"{PY_SPY} is missing; bench/bootstrap installs it")
     assert target.pid is not None
     worker = process_tree(target.pid)[1]
     out = tmp / "profile.txt"
-    load = subprocess.Popen(
-        wrk_argv(target.port, seconds + 3),
+    wrk = subprocess.Popen(
+        wrk_argv(target.port, seconds + 3, load),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -404,7 +411,7 @@ def profile_worker(target: Target, seconds: int, tmp: Path) -> dict[str, Any]:
             argv, capture_output=True, text=True, timeout=seconds + 30, check=False
         )
     finally:
-        load.wait(timeout=seconds + 30)  # wrk stops by itself (-d)
+        wrk.wait(timeout=seconds + 30)  # it stops by itself (-d)
     if result.returncode != 0 or not out.exists():
         raise BenchError(f"py-spy failed ({result.returncode}): {result.stderr.strip()[-300:]}")
     summary = summarize_profile(out.read_text())

@@ -1,7 +1,7 @@
 """`make bench`: the kernel fast-path and L7 benchmarks, then bench/README.md.
 
 Runs bench/bootstrap (idempotent: installs trafgen, wrk, haproxy, py-spy),
-bench.xdp_cost, bench.flood and bench.l7 with their defaults, and rebuilds
+bench.xdp_cost, bench.flood, bench.l7 and bench.jwt with their defaults, and rebuilds
 the README from the results. A failing case is reported and the others
 still run; the exit code is 1 if any failed. As root, after
 ./scripts/bootstrap (which `make bench` runs).
@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import flood, l7, report, xdp_cost
+from bench import flood, jwt, l7, report, xdp_cost
 from bench.common import BENCH_DIR
 
 
@@ -36,7 +36,7 @@ def main() -> int:
     if bootstrap.returncode != 0:
         print("bench: bench/bootstrap failed; fix that first", file=sys.stderr)
         return 1
-    cases = {"xdp_cost": xdp_cost.main, "flood": flood.main, "l7": l7.main}
+    cases = {"xdp_cost": xdp_cost.main, "flood": flood.main, "l7": l7.main, "jwt": jwt.main}
     failed = [name for name, case in cases.items() if not run_case(name, case)]
     path = report.write_readme()
     minutes = (time.monotonic() - started) / 60
