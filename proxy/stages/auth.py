@@ -64,6 +64,14 @@ def _scopes(claims: Mapping[str, Any]) -> set[str]:
     return found
 
 
+def _header_value(value: Any) -> str:
+    """A claim as a header value; one that would break the header is refused."""
+    text = str(value)
+    if any(ch in text for ch in "\r\n\0"):
+        raise _challenge(401, "bad_claim", "invalid_token", "a claim cannot be forwarded")
+    return text
+
+
 def _claim_matches(claims: Mapping[str, Any], name: str, wanted: str) -> bool:
     value = claims.get(name)
     if isinstance(value, list):
@@ -131,9 +139,9 @@ class Authenticator:
             raise _challenge(401, exc.reason, "invalid_token", exc.description) from None
         _authorize(policy, claims)
         sub = claims.get("sub")
-        ctx.consumer = str(sub) if sub is not None else None
+        ctx.consumer = _header_value(sub) if sub is not None else None
         ctx.auth_headers = [
-            (header, str(claims[claim]))
+            (header, _header_value(claims[claim]))
             for claim, header in policy.forward_claims
             if claim in claims
         ]

@@ -182,3 +182,25 @@ def test_refusals_are_counted_by_reason(tmp_path: Path, rsa_key: rsa.RSAPrivateK
             await up.stop()
 
     run(scenario())
+
+
+def test_a_claim_that_would_break_a_header_is_refused(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    async def scenario() -> None:
+        up = Upstream("a")
+        await up.start()
+        try:
+            config = with_auth(
+                config_for([up], tmp_path / "log"), auth_config(tmp_path, rsa_key, []), JWT_POLICY
+            )
+            evil = token(rsa_key, sub="alice\r\nX-Admin: yes", scope="orders:write")
+            async with gateway(config) as (url, _), aiohttp.ClientSession() as s:
+                async with s.get(f"{url}/x", headers={"Authorization": f"Bearer {evil}"}) as r:
+                    assert r.status == 401
+                    assert (await r.json())["error"] == "bad_claim"
+            assert up.seen == []
+        finally:
+            await up.stop()
+
+    run(scenario())
