@@ -32,8 +32,7 @@ class Gateway:
     async def start(self) -> None:
         if self.auth.verifier is not None:
             await self.auth.verifier.start()
-        self.access_log.start()
-        await self.upstreams.start()
+        self.access_log.start()  # upstream connections are made on first use
         for checker in self.checkers:
             await checker.start()
 

@@ -53,10 +53,6 @@ class RequestIds:
 _IDS = RequestIds()
 
 
-def new_request_id() -> str:
-    return _IDS.new()
-
-
 def reset_request_ids() -> None:
     """After fork: a worker must not share its parent's prefix."""
     global _IDS

@@ -54,9 +54,6 @@ class Upstreams:
                     idle_timeout=pool.keepalive_timeout,
                 )
 
-    async def start(self) -> None:
-        pass  # connections are made on first use
-
     async def close(self) -> None:
         for pool in self.connections.values():
             await pool.close()

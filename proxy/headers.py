@@ -27,21 +27,13 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
-    listed: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        listed.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return listed
-
-
 def end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """A copy without hop-by-hop headers and those the Connection header names."""
-    drop = HOP_BY_HOP | _connection_listed(headers)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    return end_to_end_pairs(list(headers.items()))
 
 
 def end_to_end_pairs(pairs: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
-    """end_to_end() for headers as received from an upstream: (name, value) pairs."""
+    """The end-to-end headers of (name, value) pairs, as received in either direction."""
     drop = set(HOP_BY_HOP)
     for name, value in pairs:
         if name.lower() == "connection":

@@ -10,11 +10,11 @@ from aiohttp.web_request import BaseRequest
 
 from stockade.proxy.context import RequestContext
 from stockade.proxy.errors import Refusal
+from stockade.proxy.limits import content_length_too_large
 
 
 def body_limit_stage(request: BaseRequest, ctx: RequestContext) -> None:
     route = ctx.route
     assert route is not None, "the path stage runs first"
-    declared = request.content_length
-    if declared is not None and declared > route.max_body_size:
+    if content_length_too_large(request, route.max_body_size):
         raise Refusal(413, "limit", "body_too_large", "request body too large")
