@@ -42,6 +42,7 @@ from stockade.protocol import (
     decode_request,
     encode,
 )
+from stockade.targets import is_exact
 
 log = logging.getLogger("stockade.controller")
 
@@ -282,8 +283,8 @@ class Controller:
             "interfaces": interfaces,
             "bans": {
                 "total": len(bans),
-                "exact": sum(1 for b in bans if b.target.prefixlen == b.target.max_prefixlen),
-                "prefix": sum(1 for b in bans if b.target.prefixlen != b.target.max_prefixlen),
+                "exact": sum(1 for b in bans if is_exact(b.target)),
+                "prefix": sum(1 for b in bans if not is_exact(b.target)),
                 "ipv4": sum(1 for b in bans if b.target.version == 4),
                 "ipv6": sum(1 for b in bans if b.target.version == 6),
             },
