@@ -16,7 +16,7 @@ from typing import Any
 
 from stockade.clock import Clock
 from stockade.controller.maps import Hits, MapBackend, MapBan, MapFullError
-from stockade.controller.store import SOURCES, Allow, Ban, BanStore
+from stockade.controller.store import SOURCES, Allow, Ban, BanEvent, BanStore
 from stockade.durations import DurationError, format_duration, parse_duration
 from stockade.protocol import BAD_INPUT, NOT_FOUND, RUNTIME, CommandError
 from stockade.targets import (
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_TTL = 10 * 365 * 86400
 MAX_REASON = 200
+DEFAULT_HISTORY_RETENTION = 30 * 86400.0
 # Expiries recomputed from the wall clock differ by the time between two
 # readings; closer than this counts as the same.
 EXPIRY_TOLERANCE_NS = 1_000_000_000
@@ -73,11 +74,13 @@ class BanService:
         maps: MapBackend,
         clock: Clock,
         management_networks: Iterable[Network] = (),
+        history_retention: float = DEFAULT_HISTORY_RETENTION,
     ) -> None:
         self.store = store
         self.maps = maps
         self.clock = clock
         self.management = tuple(management_networks)
+        self.history_retention = history_retention
 
     # -- projection ---------------------------------------------------------
     def _mono_expiry(self, expires: float | None) -> int:
@@ -137,13 +140,23 @@ class BanService:
         return abs(current.expires_ns - expires_ns) < EXPIRY_TOLERANCE_NS
 
     def sweep(self) -> list[Network]:
-        """Remove expired bans from the store and the maps (the kernel already ignores them)."""
-        expired = self.store.expired_bans(self.clock.wall())
+        """Remove expired bans from the store and the maps (the kernel already ignores them).
+
+        Each removal is recorded as an "expire" event dated at the ban's expiry;
+        events older than the history retention are forgotten.
+        """
+        now = self.clock.wall()
+        expired = self.store.expired_bans(now)
         for ban in expired:
+            assert ban.expires is not None
             with self.store.transaction():
                 self.store.delete_ban(ban.target)
+                self.store.add_event(BanEvent.of_ban(ban, "expire", ban.expires))
             self.maps.delete_ban(ban.target)
             log.info("ban on %s expired", format_target(ban.target))
+        pruned = self.store.prune_events(now - self.history_retention)
+        if pruned:
+            log.debug("forgot %d ban events older than the history retention", pruned)
         return [b.target for b in expired]
 
     # -- allowlist checks ---------------------------------------------------
@@ -188,22 +201,8 @@ class BanService:
             )
 
         now = self.clock.wall()
-        previous = self.store.get_ban(net)
         ban = Ban(net, why, origin, now, None if seconds is None else now + seconds)
-        try:
-            with self.store.transaction():
-                self.store.put_ban(ban)
-                self.maps.put_ban(net, self._mono_expiry(ban.expires))
-        except MapFullError as exc:
-            raise CommandError(
-                RUNTIME,
-                f"cannot ban {format_target(net)}: {exc}",
-                "raise xdp.max_bans_v4/v6 or max_prefix_bans in the config, or unban stale entries",
-            ) from None
-        except sqlite3.Error as exc:
-            self._restore_map(net, previous)
-            raise CommandError(RUNTIME, f"ban store error: {exc}", "check disk space") from None
-        status = "updated" if previous is not None and previous.active(now) else "added"
+        status = self._write_ban(ban)
         log.info(
             "ban %s %s (%s, %s, ttl %s)",
             status,
@@ -214,6 +213,26 @@ class BanService:
         )
         return {**self._ban_json(ban, None), "status": status}
 
+    def _write_ban(self, ban: Ban) -> str:
+        """Store `ban` with its history event, then project it; "added" or "updated"."""
+        net = ban.target
+        previous = self.store.get_ban(net)
+        try:
+            with self.store.transaction():
+                self.store.put_ban(ban)
+                self.store.add_event(BanEvent.of_ban(ban, "ban", ban.created))
+                self.maps.put_ban(net, self._mono_expiry(ban.expires))
+        except MapFullError as exc:
+            raise CommandError(
+                RUNTIME,
+                f"cannot ban {format_target(net)}: {exc}",
+                "raise xdp.max_bans_v4/v6 or max_prefix_bans in the config, or unban stale entries",
+            ) from None
+        except sqlite3.Error as exc:
+            self._restore_map(net, previous)
+            raise CommandError(RUNTIME, f"ban store error: {exc}", "check disk space") from None
+        return "updated" if previous is not None and previous.active(ban.created) else "added"
+
     def _restore_map(self, net: Network, previous: Ban | None) -> None:
         if previous is None or not previous.active(self.clock.wall()):
             self.maps.delete_ban(net)
@@ -223,7 +242,10 @@ class BanService:
     def unban(self, target: str) -> dict[str, Any]:
         net = _target(target)
         with self.store.transaction():
+            previous = self.store.get_ban(net)
             existed = self.store.delete_ban(net)
+            if previous is not None:
+                self.store.add_event(BanEvent.of_ban(previous, "unban", self.clock.wall()))
             in_map = self.maps.delete_ban(net)
         if not existed and not in_map:
             raise CommandError(
