@@ -161,7 +161,11 @@ class Controller:
         self.maps = BpfMaps(self.program)
         self.maps.apply_settings(runtime_settings(self.config, self.dry_run))
         self.service = BanService(
-            self.store, self.maps, self.clock, self.config.xdp.management_networks
+            self.store,
+            self.maps,
+            self.clock,
+            self.config.xdp.management_networks,
+            ctl.history_retention,
         )
         report = self.service.reconcile()
         log.info(

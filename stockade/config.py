@@ -7,6 +7,7 @@ did-you-mean, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import difflib
+import grp
 import os
 import re
 import tomllib
@@ -25,6 +26,7 @@ ENV_PATH = "STOCKADE_CONFIG"
 XDP_MODES = ("auto", "native", "generic")
 _IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
 _NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_HISTORY_RETENTION = 10 * 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,12 @@ class ControllerConfig:
     netns: str | None = None
     sweep_interval: float = 1.0
     log_level: str = "info"
+    # The proxy's socket: accepts only `rule.ban`. Default: rules.sock next to `socket`.
+    rules_socket: Path = Path("/run/stockade/rules.sock")
+    # None: root only (0600); a group name: that group may push rule bans (0660).
+    rules_group: str | None = None
+    # Ban events older than this are forgotten (escalation cannot look further back).
+    history_retention: float = 30 * 86400.0
 
     @property
     def ban_db(self) -> Path:
@@ -78,13 +86,35 @@ def _controller(section: Section) -> ControllerConfig:
     sweep = section.duration("sweep_interval", 1.0)
     if sweep > 60:
         raise ConfigError(f"{section.key('sweep_interval')}: at most 60s")
+    socket = section.path("socket", ControllerConfig.socket)
+    rules_socket = section.path("rules_socket", socket.parent / "rules.sock")
+    if rules_socket == socket:
+        raise ConfigError(
+            f"{section.key('rules_socket')}: must differ from {section.key('socket')} "
+            f"({socket}); the proxy's socket accepts only rule bans"
+        )
+    rules_group = section.get("rules_group", str, "") or None
+    if rules_group is not None:
+        try:
+            grp.getgrnam(rules_group)
+        except KeyError:
+            raise ConfigError(
+                f"{section.key('rules_group')}: no group {rules_group!r} on this host; "
+                f"create it (groupadd {rules_group}) or leave the key out (root only)"
+            ) from None
+    retention = section.duration("history_retention", ControllerConfig.history_retention)
+    if retention > MAX_HISTORY_RETENTION:
+        raise ConfigError(f"{section.key('history_retention')}: at most 3650d")
     config = ControllerConfig(
-        socket=section.path("socket", ControllerConfig.socket),
+        socket=socket,
         state_dir=section.path("state_dir", ControllerConfig.state_dir),
         pin_root=section.path("pin_root", ControllerConfig.pin_root),
         netns=netns,
         sweep_interval=sweep,
         log_level=level,
+        rules_socket=rules_socket,
+        rules_group=rules_group,
+        history_retention=retention,
     )
     section.finish()
     return config
