@@ -4,20 +4,27 @@ from __future__ import annotations
 
 from stockade.clock import Clock
 from stockade.proxy.access_log import AccessLog
+from stockade.proxy.anomaly import AnomalyDetector
 from stockade.proxy.auth_setup import build_authenticator
 from stockade.proxy.context import RequestContext
 from stockade.proxy.forward import Forwarder, Upstreams
 from stockade.proxy.health import HealthChecker
 from stockade.proxy.limits import GuardedServer, LimitCounters, handler_kwargs
-from stockade.proxy.pipeline import pipeline
+from stockade.proxy.pipeline import PolicyStages, pipeline
+from stockade.proxy.quota import UsageWriter
+from stockade.proxy.ratelimit import RateLimiter
 from stockade.proxy.settings import ProxyConfig
+from stockade.proxy.shared_state import SharedState
 from stockade.proxy.upstream import PoolState
 
 
 class Gateway:
     """What one worker shares across its listeners: upstream pools, checks, the log."""
 
-    def __init__(self, config: ProxyConfig, clock: Clock) -> None:
+    def __init__(
+        self, config: ProxyConfig, clock: Clock, shared: SharedState | None = None
+    ) -> None:
+        """`shared`: the tables the master made before forking (a fresh set when alone)."""
         self.config = config
         states = {pool.name: PoolState(pool, clock) for pool in config.pools}
         self.upstreams = Upstreams(config.pools, states)
@@ -25,14 +32,39 @@ class Gateway:
         self.access_log = AccessLog(config.access_log)
         self.forwarder = Forwarder(config, self.upstreams)
         self.auth = build_authenticator(config.auth, clock)
+        self.auth.plan_claim = config.quotas.plan_claim
+        self.shared = shared if shared is not None else SharedState.create(config)
+        self.limiter = RateLimiter(config, self.shared.counters, self.shared.quotas)
+        bans = None  # the controller's rules-socket client is wired in next
+        self.anomaly = AnomalyDetector(config, self.shared.counters, self.shared.penalties, bans)
+        self.usage = (
+            UsageWriter(config.quotas.database, self.shared.quotas)
+            if self.shared.quotas is not None
+            else None
+        )
 
     def observe(self, ctx: RequestContext, method: str) -> None:
         self.access_log.write(ctx, method)
+        self.anomaly.observe(ctx)
+
+    def policy(self) -> PolicyStages:
+        limiter, anomaly = self.limiter, self.anomaly
+        return PolicyStages(
+            auth=self.auth.stage(),
+            ip_penalties=anomaly.ip_stage() if anomaly.active else None,
+            pre_auth_limits=limiter.pre_auth_stage() if any(limiter.pre.values()) else None,
+            consumer_penalties=anomaly.consumer_stage() if anomaly.active else None,
+            post_auth_limits=limiter.post_auth_stage()
+            if any(limiter.post.values()) or limiter.plans_used
+            else None,
+        )
 
     async def start(self) -> None:
         if self.auth.verifier is not None:
             await self.auth.verifier.start()
         self.access_log.start()  # upstream connections are made on first use
+        if self.usage is not None:
+            self.usage.start()
         for checker in self.checkers:
             await checker.start()
 
@@ -42,6 +74,9 @@ class Gateway:
         await self.upstreams.close()
         if self.auth.verifier is not None:
             await self.auth.verifier.close()
+        if self.usage is not None:
+            await self.usage.stop()
+        await self.anomaly.close()
         await self.access_log.close()
 
     def server(self, scheme: str, counters: LimitCounters | None = None) -> GuardedServer:
@@ -51,13 +86,12 @@ class Gateway:
         handler machinery would only cost time. The scheme goes into
         X-Forwarded-Proto.
         """
-        handler = pipeline(
-            self.config, scheme, self.observe, self.forwarder.handle, self.auth.stage()
-        )
+        handler = pipeline(self.config, scheme, self.observe, self.forwarder.handle, self.policy())
         return GuardedServer(
             handler,
             self.config,
             counters,
+            self.anomaly.on_connection if self.anomaly.active else None,
             access_log=None,  # our access log, not aiohttp's (it costs per request too)
             **handler_kwargs(self.config),
         )

@@ -7,8 +7,12 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from stockade.proxy.settings import Route
+
+if TYPE_CHECKING:
+    from stockade.proxy.ratelimit import Tightest
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -37,6 +41,9 @@ class RequestContext:
     consumer: str | None = None  # who authenticated: JWT sub or the API key's consumer
     plan: str | None = None
     auth_headers: list[tuple[str, str]] = field(default_factory=list)  # set upstream
+    api_key_id: str | None = None
+    response_headers: list[tuple[str, str]] = field(default_factory=list)  # set on the answer
+    tightest: Tightest | None = None  # the rate limit closest to refusing
 
 
 class RequestIds:

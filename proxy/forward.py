@@ -106,9 +106,11 @@ def _upstream_headers(
     return list(headers.items())
 
 
-def _response_headers(upstream: UpstreamResponse, request_id: str) -> CIMultiDict[str]:
+def _response_headers(upstream: UpstreamResponse, ctx: RequestContext) -> CIMultiDict[str]:
     headers = end_to_end_pairs(upstream.headers)
-    headers["X-Request-ID"] = request_id
+    headers["X-Request-ID"] = ctx.request_id
+    for name, value in ctx.response_headers:  # ours (RateLimit-*) win over the upstream's
+        headers[name] = value
     headers.setdefault("Server", SERVER)  # the upstream's own, else ours (never aiohttp's)
     return headers
 
@@ -207,7 +209,7 @@ class Forwarder:
         upstream: UpstreamResponse,
         started: float,
     ) -> web.StreamResponse:
-        headers = _response_headers(upstream, ctx.request_id)
+        headers = _response_headers(upstream, ctx)
         ctx.upstream_time = time.monotonic() - started
         length = upstream.content_length
         if request.method != "HEAD" and length is not None and length <= SMALL_BODY:

@@ -139,10 +139,12 @@ class GuardedServer(web.Server):
         handler: _HANDLER,
         config: ProxyConfig,
         counters: LimitCounters | None = None,
+        on_connection: Callable[[str], bool] | None = None,
         /,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        self.on_connection = on_connection  # peer IP -> False to refuse (anomaly rules)
         self.header_timeout = config.header_timeout
         self.max_connections = config.max_connections
         self.counters = WORKER_COUNTERS if counters is None else counters
@@ -180,6 +182,12 @@ class GuardedRequestHandler(RequestHandler):
             )
             transport.close()
             return
+        if guard.on_connection is not None:
+            peer = transport.get_extra_info("peername")
+            if peer and not guard.on_connection(peer[0]):
+                self._force_close = True
+                transport.close()  # a source denied or banned by a rule
+                return
         counters.connections_active += 1
         self._counted = True
         super().connection_made(transport)

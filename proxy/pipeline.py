@@ -1,6 +1,11 @@
 """The order of the request stages, in one place.
 
-    context -> framing -> path + route -> body limit -> auth -> [WAF, rate limits] -> forward
+    context -> framing -> path + route -> source penalties + bot User-Agents
+        -> rate limits by IP/header/query -> body limit -> auth
+        -> consumer penalties -> consumer and plan limits, quotas -> [WAF] -> forward
+
+Limits known before authentication run before it, so a flood of forged
+tokens is refused with a cheap 429 instead of a signature check each.
 
 Each stage either passes the request on or raises a Refusal, which the
 context stage answers (JSON, with the request id), logs and counts.
@@ -9,6 +14,7 @@ context stage answers (JSON, with the request id), logs and counts.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
@@ -22,14 +28,30 @@ from stockade.proxy.stages.framing import framing_stage
 from stockade.proxy.stages.path import path_stage
 
 
-def checks(config: ProxyConfig, auth: Stage) -> list[Stage]:
-    return [
+@dataclass(frozen=True)
+class PolicyStages:
+    """The stages a gateway builds from its config (auth, limits, anomaly rules)."""
+
+    auth: Stage
+    ip_penalties: Stage | None = None
+    pre_auth_limits: Stage | None = None
+    consumer_penalties: Stage | None = None
+    post_auth_limits: Stage | None = None
+
+
+def checks(config: ProxyConfig, policy: PolicyStages) -> list[Stage]:
+    stages: list[Stage | None] = [
         framing_stage,
         path_stage(Router(config.routes), config.max_url_length),
+        policy.ip_penalties,
+        policy.pre_auth_limits,
         body_limit_stage,
-        auth,
-        # the WAF and rate-limit stages of later issues go here
+        policy.auth,
+        policy.consumer_penalties,
+        policy.post_auth_limits,
+        # the WAF stage goes here
     ]
+    return [stage for stage in stages if stage is not None]
 
 
 def pipeline(
@@ -37,7 +59,7 @@ def pipeline(
     scheme: str,
     observe: context_stage.Observer,
     forward: context_stage.Forward,
-    auth: Stage,
+    policy: PolicyStages,
 ) -> Callable[[BaseRequest], Awaitable[StreamResponse]]:
     """The request handler for one listener: context, the checks in order, then forward."""
-    return context_stage.make(config, scheme, observe, checks(config, auth), forward)
+    return context_stage.make(config, scheme, observe, checks(config, policy), forward)

@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from stockade.config_fields import ConfigError, Section
+from stockade.proxy.anomaly_settings import AnomalyConfig, parse_anomaly
 from stockade.proxy.auth_settings import AuthConfig, RouteAuth, parse_auth, parse_route_auth
+from stockade.proxy.ratelimit_settings import (
+    QuotaConfig,
+    RateLimitConfig,
+    parse_quotas,
+    parse_rate_limiting,
+    route_limits,
+)
 from stockade.targets import Network
 
 BALANCE_POLICIES = ("round_robin", "least_outstanding")
@@ -117,6 +125,7 @@ class Route:
     allow_encoded_slash: bool = False  # %2F in the path
     allow_encoded_dots: bool = False  # %2E segments such as %2e%2e
     auth: RouteAuth = field(default_factory=RouteAuth)
+    rate_limits: tuple[str, ...] = ()  # names in [proxy.rate_limiting.limits]
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,9 @@ class ProxyConfig:
     drain_timeout: float = 30.0  # in-flight requests get this long on SIGTERM
     status_dir: Path = Path("/run/stockade/proxy")  # per-worker state for `stockade status`
     auth: AuthConfig = field(default_factory=AuthConfig)
+    rate_limiting: RateLimitConfig = field(default_factory=RateLimitConfig)
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
 
     @property
     def worker_count(self) -> int:
@@ -270,7 +282,9 @@ def _pool(name: str, section: Section) -> Pool:
     return pool
 
 
-def _route(index: int, section: Section, pools: set[str], auth: AuthConfig) -> Route:
+def _route(
+    index: int, section: Section, pools: set[str], auth: AuthConfig, limits: RateLimitConfig
+) -> Route:
     pool = section.get("pool", str, "")
     if pool not in pools:
         known = ", ".join(sorted(pools)) or "none defined"
@@ -297,6 +311,7 @@ def _route(index: int, section: Section, pools: set[str], auth: AuthConfig) -> R
         allow_encoded_slash=section.get("allow_encoded_slash", bool, d.allow_encoded_slash),
         allow_encoded_dots=section.get("allow_encoded_dots", bool, d.allow_encoded_dots),
         auth=parse_route_auth(section, auth),
+        rate_limits=route_limits(section, limits),
     )
     section.finish()
     return route
@@ -317,8 +332,9 @@ def parse_proxy(section: Section) -> ProxyConfig:
         raise ConfigError(f"{section.key('listeners')}: two listeners on the same address:port")
     names = {p.name for p in pools}
     auth = parse_auth(section.subsection("auth"))
+    rate_limiting = parse_rate_limiting(section.subsection("rate_limiting"))
     routes = tuple(
-        _route(i, Section(f"{section.key('routes')}[{i}]", raw), names, auth)
+        _route(i, Section(f"{section.key('routes')}[{i}]", raw), names, auth, rate_limiting)
         for i, raw in enumerate(section.get("routes", list, []))
     )
     if len({r.name for r in routes}) != len(routes):
@@ -347,6 +363,9 @@ def parse_proxy(section: Section) -> ProxyConfig:
         drain_timeout=section.duration("drain_timeout", d.drain_timeout),
         status_dir=section.path("status_dir", d.status_dir),
         auth=auth,
+        rate_limiting=rate_limiting,
+        quotas=parse_quotas(section.subsection("quotas")),
+        anomaly=parse_anomaly(section.subsection("anomaly")),
     )
     section.finish()
     if config.access_log != "-" and not config.access_log.startswith("/"):

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,12 +43,16 @@ class StatusPublisher:
         pools: dict[str, PoolState],
         counters: LimitCounters,
         auth_failures: Mapping[str, int],
+        rate_limited: Mapping[str, int] | None = None,
+        anomaly: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.path = path
         self.index = index
         self.pools = pools
         self.counters = counters
         self.auth_failures = auth_failures
+        self.rate_limited = rate_limited if rate_limited is not None else {}
+        self.anomaly = anomaly
         self.started = time.time()
         self._task: asyncio.Task[None] | None = None
 
@@ -61,6 +65,8 @@ class StatusPublisher:
             "pools": {name: state.snapshot() for name, state in self.pools.items()},
             "limits": asdict(self.counters),
             "auth_failures": dict(self.auth_failures),
+            "rate_limited": dict(self.rate_limited),
+            "anomaly": self.anomaly() if self.anomaly is not None else {},
         }
 
     async def _run(self) -> None:

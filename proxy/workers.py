@@ -18,6 +18,7 @@ import os
 import pwd
 import signal
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from stockade.proxy.limits import GuardedAppRunner, LimitCounters, handler_kwarg
 from stockade.proxy.parser_check import require_c_parser
 from stockade.proxy.redirect import redirect_app
 from stockade.proxy.settings import Listener, ProxyConfig
+from stockade.proxy.shared_state import SharedState
 from stockade.proxy.status import StatusPublisher, clear, worker_file
 from stockade.proxy.tls import ServerTls, TlsConfigError
 
@@ -104,11 +106,14 @@ def load_tls(config: ProxyConfig) -> dict[Listener, ServerTls]:
 
 
 async def _serve(
-    config: ProxyConfig, index: int, sockets: list[tuple[Listener, socket.socket]]
+    config: ProxyConfig,
+    index: int,
+    sockets: list[tuple[Listener, socket.socket]],
+    shared: SharedState,
 ) -> None:
     """One worker: every listener's socket, one pipeline, until SIGTERM."""
     tls = load_tls(config)
-    gateway = Gateway(config, SystemClock())
+    gateway = Gateway(config, SystemClock(), shared)
     await gateway.start()
     counters = LimitCounters()  # shared by every listener: max_connections is per worker
     publisher = StatusPublisher(
@@ -117,6 +122,8 @@ async def _serve(
         gateway.upstreams.states,
         counters,
         gateway.auth.failures,
+        gateway.limiter.refused,
+        gateway.anomaly.snapshot,
     )
     publisher.start()
     stop = asyncio.Event()
@@ -181,7 +188,7 @@ def _loop_runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def _worker_main(config: ProxyConfig, slot: WorkerSlot) -> None:
+def _worker_main(config: ProxyConfig, slot: WorkerSlot, shared: SharedState) -> None:
     """The child after fork: never returns."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
     for sig in MASTER_SIGNALS:
@@ -191,7 +198,7 @@ def _worker_main(config: ProxyConfig, slot: WorkerSlot) -> None:
     try:
         drop_privileges(config.user, config.group)
         with _loop_runner() as runner:
-            runner.run(_serve(config, slot.index, slot.sockets))
+            runner.run(_serve(config, slot.index, slot.sockets, shared))
     except ProxyStartupError as exc:
         log.error("worker %d: %s", slot.index, exc)
         code = EXIT_CANNOT_START
@@ -207,6 +214,7 @@ class Master:
         self.config = config.proxy
         self.slots: list[WorkerSlot] = []
         self.stopping = False
+        self.shared: SharedState | None = None
 
     def start(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
@@ -229,6 +237,10 @@ class Master:
             with contextlib.suppress(KeyError):
                 entry = pwd.getpwnam(self.config.user)
                 os.chown(self.config.status_dir, entry.pw_uid, entry.pw_gid)
+        try:  # before forking: every worker must map the same tables
+            self.shared = SharedState.create(self.config)
+        except (OSError, sqlite3.Error) as exc:
+            raise ProxyStartupError(f"cannot prepare the quota database: {exc}") from None
         count = self.config.worker_count
         for index in range(count):
             sockets = [(listener, bind(listener)) for listener in self.config.listeners]
@@ -239,9 +251,10 @@ class Master:
         log.info("proxy serving %s with %d workers", names, count)
 
     def _spawn(self, slot: WorkerSlot) -> None:
+        assert self.shared is not None
         pid = os.fork()
         if pid == 0:
-            _worker_main(self.config, slot)
+            _worker_main(self.config, slot, self.shared)
         slot.pid, slot.started = pid, time.monotonic()
 
     def run(self) -> int:

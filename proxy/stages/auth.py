@@ -102,6 +102,7 @@ class Authenticator:
         self.verifier = verifier
         self.keys = keys
         self.failures: Counter[str] = Counter()  # refusals by reason, for status and metrics
+        self.plan_claim = "plan"  # the claim naming a JWT consumer's plan ([proxy.quotas])
 
     def stage(self) -> Stage:
         def auth_stage(request: BaseRequest, ctx: RequestContext) -> Awaitable[None] | None:
@@ -140,6 +141,8 @@ class Authenticator:
         _authorize(policy, claims)
         sub = claims.get("sub")
         ctx.consumer = _header_value(sub) if sub is not None else None
+        plan = claims.get(self.plan_claim)
+        ctx.plan = plan if isinstance(plan, str) else None
         ctx.auth_headers = [
             (header, _header_value(claims[claim]))
             for claim, header in policy.forward_claims
@@ -158,5 +161,5 @@ class Authenticator:
             refusal = Refusal(401, "auth", "bad_api_key", "invalid API key")
             refusal.headers["WWW-Authenticate"] = f'ApiKey header="{self.config.api_key_header}"'
             raise refusal
-        ctx.consumer, ctx.plan = entry.consumer, entry.plan
+        ctx.consumer, ctx.plan, ctx.api_key_id = entry.consumer, entry.plan, entry.key_id
         ctx.auth_headers = [(self.config.consumer_header, entry.consumer)]

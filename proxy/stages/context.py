@@ -59,8 +59,11 @@ def make(
             response = await forward(request, ctx)
         except Refusal as refusal:
             ctx.decision, ctx.reason = refusal.decision, refusal.reason
+            headers = refusal.headers
+            if ctx.response_headers:  # e.g. RateLimit-* from a stage that passed it
+                headers = dict(ctx.response_headers) | refusal.headers
             response = error_response(
-                refusal.status, refusal.reason, refusal.message, ctx.request_id, refusal.headers
+                refusal.status, refusal.reason, refusal.message, ctx.request_id, headers
             )
             if refusal.close_connection:
                 response.force_close()

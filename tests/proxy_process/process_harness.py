@@ -66,6 +66,22 @@ def wait_listening(
     raise AssertionError(f"proxy not listening on {port}:\n{log.read_text()}")
 
 
+UPSTREAM_APP = Path(__file__).with_name("upstream_app.py")
+
+
+@contextmanager
+def running_upstream() -> Iterator[int]:
+    """upstream_app.py on a free loopback port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(UPSTREAM_APP), str(port)])
+    try:
+        wait_listening(port, proc, Path("/dev/null"))
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 @contextmanager
 def running_proxy(config_text: str, tmp: Path, port: int) -> Iterator[ProxyProcess]:
     config = tmp / "stockade.toml"

@@ -7,7 +7,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,21 +14,13 @@ from pathlib import Path
 
 import pytest
 import trustme
-from process_harness import STOCKADE, free_port, running_proxy, wait_listening
-
-UPSTREAM_APP = Path(__file__).with_name("upstream_app.py")
+from process_harness import STOCKADE, free_port, running_proxy, running_upstream, wait_listening
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(UPSTREAM_APP), str(port)])
-    try:
-        wait_listening(port, proc, Path("/dev/null"))
+    with running_upstream() as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def config(port: int, upstream: int, workers: int = 2, extra: str = "", listener: str = "") -> str:

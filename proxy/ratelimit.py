@@ -1,0 +1,200 @@
+"""Stages: rate limits, plans and quotas.
+
+Limits keyed by what is known before authentication (client IP, a header, a
+query parameter) run before the auth stage, so a flood of bad tokens is
+answered with a cheap 429 instead of a signature check each; limits keyed by
+the consumer or API key, the consumer's plan and its quotas run after it.
+
+A refused request gets 429 with Retry-After and the IETF RateLimit-Limit,
+-Remaining, -Reset and -Policy headers; allowed responses carry them too
+(for the tightest limit) unless `response_headers = false`. A request whose
+key is missing (no such header, no consumer) is limited by its client IP
+under that limit, so leaving the key out is no way around it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zoneinfo
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp.web_request import BaseRequest
+
+from stockade.proxy.context import RequestContext
+from stockade.proxy.errors import Refusal
+from stockade.proxy.pipeline_types import Stage
+from stockade.proxy.quota import DAY, MONTH, QuotaCounters, consumer_id, period
+from stockade.proxy.rate_maps import RateMap
+from stockade.proxy.ratelimit_settings import LimitRule, Plan, Rate
+from stockade.proxy.settings import ProxyConfig
+from stockade.proxy.shared_table import WindowCounters, digest
+
+Now = Callable[[], float]
+
+
+@dataclass(slots=True)
+class Tightest:
+    """The limit closest to refusing, for the RateLimit-* headers."""
+
+    rate: Rate
+    remaining: int
+    reset: float
+
+
+def _headers(rate: Rate, remaining: int, reset: float) -> list[tuple[str, str]]:
+    return [
+        ("RateLimit-Limit", str(rate.count)),
+        ("RateLimit-Remaining", str(max(0, remaining))),
+        ("RateLimit-Reset", str(max(0, math.ceil(reset)))),
+        ("RateLimit-Policy", rate.policy),
+    ]
+
+
+def _refusal(reason: str, message: str, rate: Rate, wait: float) -> Refusal:
+    refusal = Refusal(429, "ratelimit" if reason.startswith("limit") else "quota", reason, message)
+    seconds = str(max(1, math.ceil(wait)))
+    refusal.headers["Retry-After"] = seconds
+    refusal.headers.update(_headers(rate, 0, wait))
+    return refusal
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        counters: WindowCounters,
+        quotas: QuotaCounters | None,
+        monotonic: Now = time.monotonic,
+        wall: Now = time.time,
+    ) -> None:
+        self.config = config
+        self.counters = counters
+        self.quotas = quotas
+        self.monotonic = monotonic
+        self.wall = wall
+        self.zone = zoneinfo.ZoneInfo(config.quotas.timezone)
+        self.refused: Counter[str] = Counter()  # by limit name / quota, for status and metrics
+        self.maps = {
+            rule.name: RateMap(rule.map_file, rule.rate)
+            for rule in config.rate_limiting.limits
+            if rule.map_file is not None
+        }
+        everywhere = [r for r in config.rate_limiting.limits if r.all_routes]
+        self.pre: dict[str, tuple[LimitRule, ...]] = {}
+        self.post: dict[str, tuple[LimitRule, ...]] = {}
+        for route in config.routes:
+            named = [config.rate_limiting.limit(name) for name in route.rate_limits]
+            rules = list(dict.fromkeys(everywhere + named))
+            self.pre[route.name] = tuple(r for r in rules if r.pre_auth)
+            self.post[route.name] = tuple(r for r in rules if not r.pre_auth)
+        self.plans_used = bool(config.quotas.plans)
+
+    # -- one limit ------------------------------------------------------------
+    def _subject(self, rule: LimitRule, request: BaseRequest, ctx: RequestContext) -> str:
+        value: str | None
+        if rule.key == "ip":
+            return ctx.client_ip
+        if rule.key == "header":
+            value = request.headers.get(rule.field)
+        elif rule.key == "query":
+            value = request.query.get(rule.field)
+        elif rule.key == "consumer":
+            value = ctx.consumer
+        else:
+            value = ctx.api_key_id
+        return f"={value}" if value else f"ip:{ctx.client_ip}"
+
+    def _apply(
+        self, name: str, rate: Rate, subject: str, now: float, tightest: Tightest | None
+    ) -> Tightest | None:
+        key = digest(f"{name}\0{rate.window:g}\0{subject}")
+        allowed, total, seconds = self.counters.update(key, rate.window, now, 1, rate.count)
+        if not allowed:
+            self.refused[name] += 1
+            raise _refusal(f"limit:{name}", f"rate limit {rate.text} exceeded", rate, seconds)
+        remaining = rate.count - total
+        if tightest is None or remaining < tightest.remaining:
+            return Tightest(rate, remaining, seconds)
+        return tightest
+
+    def _run(
+        self,
+        rules: tuple[LimitRule, ...],
+        request: BaseRequest,
+        ctx: RequestContext,
+        tightest: Tightest | None,
+    ) -> Tightest | None:
+        now = self.monotonic()
+        for rule in rules:
+            subject = self._subject(rule, request, ctx)
+            rate = rule.rate
+            if rule.map_file is not None:
+                rate = self.maps[rule.name].rate(subject.removeprefix("="))
+            tightest = self._apply(rule.name, rate, subject, now, tightest)
+        return tightest
+
+    def _publish(self, ctx: RequestContext, tightest: Tightest | None) -> None:
+        if tightest is not None and self.config.rate_limiting.response_headers:
+            ctx.response_headers = [
+                h for h in ctx.response_headers if not h[0].startswith("RateLimit-")
+            ] + _headers(tightest.rate, tightest.remaining, tightest.reset)
+
+    # -- stages -----------------------------------------------------------------
+    def pre_auth_stage(self) -> Stage:
+        def rate_limit_stage(request: BaseRequest, ctx: RequestContext) -> None:
+            assert ctx.route is not None, "the path stage runs first"
+            rules = self.pre[ctx.route.name]
+            if rules:
+                ctx.tightest = self._run(rules, request, ctx, None)
+                self._publish(ctx, ctx.tightest)
+
+        return rate_limit_stage
+
+    def post_auth_stage(self) -> Stage:
+        def consumer_limit_stage(request: BaseRequest, ctx: RequestContext) -> None:
+            assert ctx.route is not None, "the path stage runs first"
+            rules = self.post[ctx.route.name]
+            plan = self._plan(ctx)
+            if not rules and plan is None:
+                return
+            tightest = ctx.tightest
+            if rules:
+                tightest = self._run(rules, request, ctx, tightest)
+            if plan is not None and ctx.consumer is not None:
+                now = self.monotonic()
+                subject = f"={consumer_id(ctx.consumer)}"
+                for i, rate in enumerate(plan.rates):
+                    tightest = self._apply(f"plan:{plan.name}:{i}", rate, subject, now, tightest)
+                self._quota(ctx.consumer, plan)
+            ctx.tightest = tightest
+            self._publish(ctx, tightest)
+
+        return consumer_limit_stage
+
+    def _plan(self, ctx: RequestContext) -> Plan | None:
+        if not self.plans_used or ctx.consumer is None:
+            return None
+        return self.config.quotas.plan(ctx.plan)
+
+    def _quota(self, consumer: str, plan: Plan) -> None:
+        if self.quotas is None:
+            return
+        wall, mono = self.wall(), self.monotonic()
+        who = consumer_id(consumer)
+        for kind, quota in ((DAY, plan.per_day), (MONTH, plan.per_month)):
+            if not quota:
+                continue
+            p = period(kind, wall, self.zone)
+            allowed, _used = self.quotas.consume(who, plan.name, p, quota, wall, mono)
+            if not allowed:
+                self.refused[f"quota:{kind}"] += 1
+                window = 86400.0 if kind == DAY else 30 * 86400.0
+                raise _refusal(
+                    f"quota:{kind}",
+                    f"{kind}ly quota of {quota} requests used up ({plan.name} plan)",
+                    Rate(quota, window, f"{quota}/{kind}"),
+                    p.ends - wall,
+                )
