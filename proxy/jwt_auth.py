@@ -14,25 +14,36 @@ Security rules, each checked in verify():
   unknown kids fail closed;
 - exp/nbf/iat are checked against the injected clock (PyJWT would read the system clock);
 - the token is never logged and never stored: the cache is keyed by its SHA-256.
+
+The token is parsed once (_parse) and its signature checked directly with `cryptography`
+on the key objects loaded with the keys (_signature_ok); the claims are then checked by
+_check_claims. Both mirror PyJWT 2.x's decode() rule for rule (strict base64url, the
+"crit" header, required claims, iss, aud, sub, jti): PyJWT's own parse tests each byte of
+each segment in a Python generator and ran twice per token, several times the cost of the
+RSA check itself. PyJWT still parses the JWKs (PyJWK), when keys are loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import hashlib
+import hmac
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
 from stockade.clock import Clock, SystemClock
 
@@ -40,6 +51,7 @@ log = logging.getLogger("stockade.proxy.jwt")
 
 ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA", "HS256"})
 JWKS_MAX_BYTES = 1 << 20  # a JWKS larger than this is refused, not parsed
+MIN_RSA_BITS = 2048
 
 PublicKey = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
@@ -107,9 +119,6 @@ class IssuerConfig:
             raise ValueError(f"{where}: leeway/refresh interval/timeout must be positive")
 
 
-_UNVERIFIED = jwt.PyJWT()
-
-
 class JwtError(Exception):
     """A refused token. `reason` is a stable code; `description` is safe to send back."""
 
@@ -128,6 +137,14 @@ class _Key:
 
 
 def _make_key(kid: str | None, key: PublicKey, alg: str | None) -> _Key:
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        # as PyJWT did (a warning, not a refusal), once per key instead of once per token
+        log.warning(
+            "JWT key %s: the RSA key is %d bits, below the recommended %d (NIST SP 800-131A)",
+            kid if kid is not None else "(no kid)",
+            key.key_size,
+            MIN_RSA_BITS,
+        )
     der = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -145,6 +162,166 @@ def key_fits(alg: str, key: PublicKey) -> bool:
     if alg == "EdDSA":
         return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
     return False  # HS256 uses the configured secret only, never a key from a set
+
+
+# --- the token: one strict parse --------------------------------------------------------
+
+_MALFORMED = ("malformed", "token is not a well-formed JWT")
+_B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_B64URL_TO_STD = bytes.maketrans(b"-_", b"+/")
+_B64_VALUE = bytes(_B64URL_ALPHABET.index(c) if c in _B64URL_ALPHABET else 0 for c in range(256))
+_SUPPORTED_CRIT = frozenset({"b64"})  # what PyJWT understands (and b64=false is refused below)
+
+
+class _Parsed(NamedTuple):
+    """A token taken apart, nothing verified yet; the claims are exactly the signed bytes'."""
+
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes  # header.payload, as sent: what the signature covers
+    signature: bytes
+
+
+def _b64url(segment: bytes) -> bytes:
+    """PyJWS._decode_base64url_segment without a Python step per byte: base64url with an
+    optional '=' padding of at most 2 that makes the length a multiple of 4; no byte outside
+    the alphabet; canonical (the bits the last character carries beyond the data are zero,
+    as PyJWT's re-encoding check requires). ValueError otherwise."""
+    stripped = segment.rstrip(b"=")
+    pad = len(segment) - len(stripped)
+    tail = len(stripped) % 4  # 0: whole groups; 2: one byte more; 3: two bytes more
+    if pad > 2 or (pad and len(segment) % 4) or tail == 1:
+        raise ValueError("bad padding")
+    if stripped.translate(None, _B64URL_ALPHABET):  # what is left is outside the alphabet
+        raise ValueError("not base64url")
+    if tail and _B64_VALUE[stripped[-1]] & (0x0F if tail == 2 else 0x03):
+        raise ValueError("not canonical base64url")
+    try:
+        return binascii.a2b_base64(stripped.translate(_B64URL_TO_STD) + b"=" * (-tail % 4))
+    except binascii.Error:  # not expected after the checks above
+        raise ValueError("not base64url") from None
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _crit_ok(header: Mapping[str, Any]) -> bool:
+    """PyJWS._validate_crit: a non-empty list of names, each understood and present."""
+    crit = header["crit"]
+    if not isinstance(crit, list) or not crit:
+        return False
+    return all(isinstance(n, str) and n in _SUPPORTED_CRIT and n in header for n in crit)
+
+
+def _parse(token: str) -> _Parsed:
+    """The one parse of a token, as strict as PyJWT's (JwtError "malformed" otherwise)."""
+    try:
+        raw = token.encode("ascii")  # a JWT is ASCII; anything else cannot be base64url
+        signing_input, signature_segment = raw.rsplit(b".", 1)
+        header_segment, payload_segment = signing_input.split(b".", 1)
+        header = _json_object(_b64url(header_segment))
+        # b64=false (RFC 7797, a detached or unencoded payload) is never accepted: PyJWT
+        # needs the payload passed separately for it, which the gateway never does
+        if header.get("b64", True) is False:
+            raise ValueError("b64=false")
+        if "kid" in header and not isinstance(header["kid"], str):
+            raise ValueError("kid is not a string")
+        if "crit" in header and not _crit_ok(header):
+            raise ValueError("unsupported crit")
+        claims = _json_object(_b64url(payload_segment))
+        signature = _b64url(signature_segment)
+    except ValueError:  # UnicodeEncodeError and a failed unpacking are ValueErrors too
+        raise JwtError(*_MALFORMED) from None
+    return _Parsed(header, claims, signing_input, signature)
+
+
+# --- the signature: `cryptography` on the loaded key objects ----------------------------
+
+# The message is hashed with hashlib and the digest checked as Prehashed: the same check,
+# without the Python-level hash object `cryptography` would make for every call.
+_SHA256, _SHA384 = Prehashed(hashes.SHA256()), Prehashed(hashes.SHA384())
+_RSA: dict[str, tuple[Callable[[bytes], Any], padding.AsymmetricPadding, Prehashed]] = {
+    "RS256": (hashlib.sha256, padding.PKCS1v15(), _SHA256),
+    "RS384": (hashlib.sha384, padding.PKCS1v15(), _SHA384),
+    "RS512": (hashlib.sha512, padding.PKCS1v15(), Prehashed(hashes.SHA512())),
+    # RFC 7518 3.5: MGF1 with the same hash, a salt as long as the hash output
+    "PS256": (
+        hashlib.sha256,
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=hashes.SHA256.digest_size),
+        _SHA256,
+    ),
+}
+# RFC 7518 3.4: the signature is r || s, each exactly the curve's size in bytes
+_ECDSA: dict[str, tuple[Callable[[bytes], Any], ec.ECDSA, int]] = {
+    "ES256": (hashlib.sha256, ec.ECDSA(_SHA256), 32),
+    "ES384": (hashlib.sha384, ec.ECDSA(_SHA384), 48),
+}
+
+
+def _signature_ok(alg: str, key: PublicKey | bytes, message: bytes, signature: bytes) -> bool:
+    """Whether `signature` is `alg` over `message` with `key`. The key's type must be the one
+    `alg` needs (checked again here, whatever the caller did): bytes only for HS256."""
+    try:
+        if alg == "HS256":
+            if not isinstance(key, bytes):
+                return False
+            return hmac.compare_digest(signature, hmac.digest(key, message, "sha256"))
+        if isinstance(key, bytes) or not key_fits(alg, key):
+            return False
+        if alg in _RSA:
+            assert isinstance(key, rsa.RSAPublicKey)
+            digest, pad, prehashed = _RSA[alg]
+            key.verify(signature, digest(message).digest(), pad, prehashed)
+        elif alg in _ECDSA:
+            assert isinstance(key, ec.EllipticCurvePublicKey)
+            digest, ecdsa, size = _ECDSA[alg]
+            if len(signature) != 2 * size:  # raw r || s only: never DER, never shortened
+                return False
+            r = int.from_bytes(signature[:size], "big")
+            s = int.from_bytes(signature[size:], "big")
+            key.verify(encode_dss_signature(r, s), digest(message).digest(), ecdsa)
+        elif alg == "EdDSA":
+            assert isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+            key.verify(signature, message)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+# --- the claims: PyJWT's decode() checks, after the signature ---------------------------
+
+
+def _check_claims(claims: Mapping[str, Any], config: IssuerConfig) -> None:
+    """What jwt.decode(issuer=, audience=, options={"require": ...}) checked, in its order:
+    required claims, iss, aud, sub, jti (exp/nbf/iat: JwtVerifier._check_times)."""
+    for name in config.required_claims:
+        if claims.get(name) is None:
+            raise JwtError("missing_claim", "a required claim is missing")
+    if "iss" not in claims:
+        raise JwtError("missing_claim", "a required claim is missing")
+    if not isinstance(claims["iss"], str) or claims["iss"] != config.issuer:
+        raise JwtError("wrong_issuer", "issuer not accepted here")
+    aud = claims.get("aud")
+    if not aud:  # absent, null, "" or []
+        raise JwtError("missing_claim", "a required claim is missing")
+    if isinstance(aud, str):
+        aud = [aud]
+    if not isinstance(aud, list) or not all(isinstance(a, str) for a in aud):
+        raise JwtError("wrong_audience", "audience not accepted")
+    if all(wanted not in aud for wanted in config.audience):
+        raise JwtError("wrong_audience", "audience not accepted")
+    for name in ("sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise JwtError("malformed", "token is not valid")
 
 
 def _public(key: object) -> PublicKey | None:
@@ -321,14 +498,15 @@ class JwtVerifier:
                 return cached.claims
             del self._cache[digest]
 
-        alg, kid, state = self._select_issuer(token, issuers)
+        parsed = _parse(token)  # the only parse: selection and checks use its result
+        alg, kid, state = self._select_issuer(parsed, issuers)
         config = state.config
         if alg == "HS256":
             assert config.hs256_secret is not None  # validate() ties HS256 to the secret
-            claims = self._decode(token, config.hs256_secret, alg, config)
+            claims = self._decode(parsed, config.hs256_secret, alg, config)
             used: bytes | None = None
         else:
-            claims, key = await self._verify_asymmetric(token, alg, kid, state)
+            claims, key = await self._verify_asymmetric(parsed, alg, kid, state)
             used = key.fingerprint
         self._check_times(claims, config, now)
 
@@ -341,25 +519,20 @@ class JwtVerifier:
         return frozen
 
     def _select_issuer(
-        self, token: str, allowed: Collection[str] | None
+        self, parsed: _Parsed, allowed: Collection[str] | None
     ) -> tuple[str, str | None, _Issuer]:
-        """alg, kid and issuer from the unverified token; only to pick the checks to run."""
-        try:
-            # One unverified parse for both header and payload (each parse
-            # costs tens of microseconds). Signature not checked here: "iss"
-            # only selects the issuer config, and the full decode checks it
-            # again, signed, against that config.
-            complete = _UNVERIFIED.decode_complete(token, options={"verify_signature": False})
-            header, unverified = complete["header"], complete["payload"]
-        except jwt.PyJWTError:
-            raise JwtError("malformed", "token is not a well-formed JWT") from None
+        """alg, kid and issuer from the unverified token; only to pick the checks to run.
+
+        Signature not checked yet: "iss" only selects the issuer config, and _decode checks
+        it again, signed, against that config."""
+        header = parsed.header
         alg = header.get("alg")
         kid = header.get("kid")
         if not isinstance(alg, str) or alg.lower() == "none":
             raise JwtError("bad_algorithm", "algorithm not allowed")
         if kid is not None and not isinstance(kid, str):
             raise JwtError("malformed", "kid is not a string")
-        iss = unverified.get("iss")
+        iss = parsed.claims.get("iss")
         for state in self._issuers.values():
             if state.config.issuer == iss and (allowed is None or state.config.name in allowed):
                 break
@@ -371,7 +544,7 @@ class JwtVerifier:
         return alg, kid, state
 
     async def _verify_asymmetric(
-        self, token: str, alg: str, kid: str | None, state: _Issuer
+        self, parsed: _Parsed, alg: str, kid: str | None, state: _Issuer
     ) -> tuple[dict[str, Any], _Key]:
         candidates = self._candidates(state, alg, kid)
         if not candidates and state.config.jwks_url:
@@ -385,7 +558,7 @@ class JwtVerifier:
         last: JwtError | None = None
         for key in candidates:
             try:
-                return self._decode(token, key.key, alg, state.config), key
+                return self._decode(parsed, key.key, alg, state.config), key
             except JwtError as exc:
                 if exc.reason != "bad_signature":
                     raise  # the signature matched; a claim is wrong
@@ -406,27 +579,13 @@ class JwtVerifier:
         ]
 
     def _decode(
-        self, token: str, key: PublicKey | bytes, alg: str, config: IssuerConfig
+        self, parsed: _Parsed, key: PublicKey | bytes, alg: str, config: IssuerConfig
     ) -> dict[str, Any]:
         """The signature path: one algorithm, one key object; iss, aud and required claims."""
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=[alg],
-                audience=list(config.audience),
-                issuer=config.issuer,
-                options={
-                    "require": list(config.required_claims),
-                    # exp/nbf/iat are checked against the injected clock in _check_times
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                },
-            )
-        except jwt.PyJWTError as exc:
-            raise _mapped(exc) from None
-        return claims
+        if not _signature_ok(alg, key, parsed.signing_input, parsed.signature):
+            raise JwtError("bad_signature", "signature verification failed")
+        _check_claims(parsed.claims, config)
+        return parsed.claims
 
     @staticmethod
     def _check_times(claims: Mapping[str, Any], config: IssuerConfig, now: float) -> None:
@@ -505,23 +664,3 @@ class JwtVerifier:
         ]
         for digest in retired:
             del self._cache[digest]
-
-
-def _mapped(exc: jwt.PyJWTError) -> JwtError:
-    """PyJWT's exceptions as stable reasons (most specific class first)."""
-    table: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
-        (jwt.InvalidSignatureError, "bad_signature", "signature verification failed"),
-        (jwt.ExpiredSignatureError, "expired", "token expired"),
-        (jwt.ImmatureSignatureError, "not_yet_valid", "token not yet valid"),
-        (jwt.InvalidAudienceError, "wrong_audience", "audience not accepted"),
-        (jwt.InvalidIssuerError, "wrong_issuer", "issuer not accepted here"),
-        (jwt.MissingRequiredClaimError, "missing_claim", "a required claim is missing"),
-        (jwt.InvalidAlgorithmError, "bad_algorithm", "algorithm not allowed"),
-        (jwt.InvalidKeyError, "bad_signature", "signature verification failed"),
-        (jwt.DecodeError, "malformed", "token is not a well-formed JWT"),
-    )
-    for cls, reason, description in table:
-        if isinstance(exc, cls):
-            return JwtError(reason, description)
-    # e.g. an unsupported "crit" header or a non-string "sub"
-    return JwtError("malformed", "token is not valid")
