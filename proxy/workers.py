@@ -26,12 +26,14 @@ from aiohttp import web
 
 from stockade.clock import SystemClock
 from stockade.config import Config
+from stockade.proxy.anomaly import UserAgentListError, load_user_agents
 from stockade.proxy.api_keys import ApiKeyError
 from stockade.proxy.app import Gateway
 from stockade.proxy.auth_setup import AuthSetupError, api_key_entries, issuer_configs
 from stockade.proxy.context import reset_request_ids
 from stockade.proxy.limits import GuardedAppRunner, LimitCounters, handler_kwargs
 from stockade.proxy.parser_check import require_c_parser
+from stockade.proxy.rate_maps import RateMap, RateMapError
 from stockade.proxy.redirect import redirect_app
 from stockade.proxy.settings import Listener, ProxyConfig
 from stockade.proxy.shared_state import SharedState
@@ -92,6 +94,15 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(entry.pw_uid)
+
+
+def check_policy_files(config: ProxyConfig) -> None:
+    """Rate maps and the User-Agent list parse (else the workers would fail one by one)."""
+    for rule in config.rate_limiting.limits:
+        if rule.map_file is not None:
+            RateMap(rule.map_file, rule.rate)
+    if any(rule.user_agents for rule in config.anomaly.rules):
+        load_user_agents(config.anomaly.user_agents_file)
 
 
 def load_tls(config: ProxyConfig) -> dict[Listener, ServerTls]:
@@ -224,10 +235,11 @@ class Master:
         if not self.config.routes:
             log.warning("no [[proxy.routes]]: every request will get 404")
         load_tls(self.config)  # fail at start, in the master, on a bad certificate
-        try:  # and on a bad API keys file or JWT secret
+        try:  # and on a bad API keys file or JWT secret, rate map or User-Agent list
             api_key_entries(self.config.auth)
             issuer_configs(self.config.auth)
-        except (ApiKeyError, AuthSetupError) as exc:
+            check_policy_files(self.config)
+        except (ApiKeyError, AuthSetupError, RateMapError, UserAgentListError) as exc:
             raise ProxyStartupError(str(exc)) from None
         self.config.status_dir.mkdir(parents=True, exist_ok=True)
         clear(self.config.status_dir)

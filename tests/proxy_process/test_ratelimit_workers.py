@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from process_harness import free_port, running_proxy, running_upstream
+from process_harness import STOCKADE, free_port, running_proxy, running_upstream
 
 from stockade.proxy.api_keys import generate_key
 
@@ -115,3 +116,29 @@ plan = "free"
     # SIGTERM stopped it; the usage was written on the way out
     with running_proxy(text, tmp_path, port):
         assert [status_of(port, header) for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_bad_rate_map_stops_the_proxy_at_start(tmp_path: Path, upstream: int) -> None:
+    bad = tmp_path / "tenants.map"
+    bad.write_text("gold lots\n")
+    extra = f"""
+[proxy.rate_limiting.limits.tenant]
+rate = "10/s"
+key = "header:X-Tenant"
+map = "{bad}"
+all_routes = true
+"""
+    config = tmp_path / "stockade.toml"
+    config.write_text(
+        proxy_config(free_port(), upstream, 1, extra, "").replace(
+            "{status_dir}", str(tmp_path / "status")
+        )
+    )
+    result = subprocess.run(
+        [*STOCKADE, "--config", str(config), "proxy", "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"{bad}:1" in result.stderr and "invalid rate" in result.stderr

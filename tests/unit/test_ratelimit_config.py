@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from stockade.config_fields import ConfigError, Section
-from stockade.proxy.anomaly_settings import parse_anomaly, parse_condition
+from stockade.proxy.anomaly import UserAgentListError, load_user_agents
+from stockade.proxy.anomaly_settings import DEFAULT_USER_AGENTS, parse_anomaly, parse_condition
 from stockade.proxy.rate_maps import RateMap, RateMapError, parse_rate_map
 from stockade.proxy.ratelimit_settings import (
     RateError,
@@ -151,3 +152,19 @@ def test_anomaly_rules() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             parse_anomaly(Section("proxy.anomaly", {"rules": [rule]}))
+
+
+def test_the_core_rule_sets_scanner_list_loads() -> None:
+    """The bootstrap installs modsecurity-crs; its list is the default."""
+    pattern = load_user_agents(DEFAULT_USER_AGENTS)
+    assert pattern.search("sqlmap/1.7.2#stable (https://sqlmap.org)")
+    assert pattern.search("Mozilla/5.00 (Nikto/2.1.6) (Evasions:None) (Test:000003)")
+    assert not pattern.search("Mozilla/5.0 (Windows NT 10.0; Win64; x64) Firefox/120.0")
+
+
+def test_a_bad_user_agent_list_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.data"
+    empty.write_text("# nothing\n\n")
+    for path in (empty, tmp_path / "missing.data"):
+        with pytest.raises(UserAgentListError):
+            load_user_agents(path)
