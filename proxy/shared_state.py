@@ -24,7 +24,8 @@ def quotas_used(config: ProxyConfig) -> bool:
 
 @dataclass
 class SharedState:
-    counters: WindowCounters
+    counters: WindowCounters  # rate limits
+    behaviour: WindowCounters  # the anomaly rules' counters (a scan must not evict limits)
     penalties: PenaltyTable
     quotas: QuotaCounters | None
 
@@ -45,6 +46,7 @@ class SharedState:
             log.info("quota usage: %d counts loaded from %s", loaded, path)
         return cls(
             counters=WindowCounters(config.rate_limiting.max_keys),
+            behaviour=WindowCounters(config.anomaly.max_keys if config.anomaly.rules else 1024),
             penalties=PenaltyTable(PENALTY_SLOTS),
             quotas=quotas,
         )
