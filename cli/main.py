@@ -32,6 +32,7 @@ from stockade.cli.context import (
 from stockade.cli.controller_cmds import controller, detach
 from stockade.cli.lab import lab_group
 from stockade.cli.proxy_cmds import proxy, run_all
+from stockade.cli.rules_cmds import explain, rule_group
 from stockade.config import ConfigError, load_config, resolve_path
 from stockade.controller.layout import reason_names
 from stockade.durations import DurationError, parse_duration
@@ -347,6 +348,8 @@ def check_config(ctx: Context) -> None:
         click.echo(f"ok: no config at {path}; the defaults apply")
 
 
+cli.add_command(explain)
+cli.add_command(rule_group, "rule")
 cli.add_command(controller)
 cli.add_command(detach)
 cli.add_command(proxy)

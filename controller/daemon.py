@@ -12,9 +12,11 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import grp
 import ipaddress
 import logging
 import os
+import pwd
 import signal
 import socket
 import struct
@@ -37,6 +39,7 @@ from stockade.controller.store import BanStore
 from stockade.protocol import (
     BAD_INPUT,
     MAX_LINE,
+    RULES_SOCKET_COMMANDS,
     RUNTIME,
     CommandError,
     decode_request,
@@ -94,6 +97,41 @@ def lock_pin_dir(pin_dir: Path) -> int:
     return fd
 
 
+def peer_in_group(uid: int, gid: int, group_gid: int) -> bool:
+    """Whether a peer belongs to a group: as its gid, or as a member (supplementary).
+
+    SO_PEERCRED carries only the peer's gid; membership is read from the
+    group database for the peer's user name.
+    """
+    if gid == group_gid:
+        return True
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a passwd entry has no supplementary groups to find
+        return False
+    return group_gid in os.getgrouplist(name, gid)
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One control socket: who may connect, and which commands it carries."""
+
+    name: str
+    path: Path
+    group_gid: int | None = None  # None: root only (0600); else chgrp and 0660
+    commands: frozenset[str] | None = None  # None: every command
+
+    def peer_allowed(self, uid: int, gid: int) -> bool:
+        if uid in (0, os.geteuid()):
+            return True
+        return self.group_gid is not None and peer_in_group(uid, gid, self.group_gid)
+
+    def refusal(self) -> str:
+        if self.group_gid is None:
+            return "permission denied: root only"
+        return f"permission denied: root or group {grp.getgrgid(self.group_gid).gr_name} only"
+
+
 @dataclass
 class RateBreach:
     source: str
@@ -132,6 +170,7 @@ class Controller:
         self.store: BanStore | None = None
         self.service: BanService | None = None
         self._stop = asyncio.Event()
+        self._rules_gid: int | None = None
         # Every command and sweep runs on this one thread: map and store
         # writes never interleave, and the event loop stays free (pyroute2's
         # sync API runs an event loop of its own, which needs another thread).
@@ -140,6 +179,14 @@ class Controller:
     # -- start-up -----------------------------------------------------------
     def start(self) -> None:
         ctl = self.config.controller
+        if ctl.rules_group is not None:
+            try:
+                self._rules_gid = grp.getgrnam(ctl.rules_group).gr_gid
+            except KeyError:
+                raise StartupError(
+                    f"controller.rules_group: no group {ctl.rules_group!r} on this host; "
+                    f"create it (groupadd {ctl.rules_group}) or remove the key"
+                ) from None
         if ctl.netns:
             from pyroute2 import netns as pr_netns
 
@@ -229,6 +276,17 @@ class Controller:
             "ban": lambda a: self._service().ban(
                 a["target"], a.get("ttl"), a.get("reason"), a.get("source")
             ),
+            "rule.ban": lambda a: self._service().rule_ban(
+                a["target"],
+                a["ttl"],
+                a["rule"],
+                a.get("reason"),
+                a.get("details"),
+                a.get("factor"),
+                a.get("max_ttl"),
+                a.get("memory"),
+            ),
+            "explain": lambda a: self._service().explain(a["target"]),
             "unban": lambda a: self._service().unban(a["target"]),
             "bans": lambda a: self._service().list_bans(),
             "allow.add": lambda a: self._service().allow_add(a["target"], a.get("reason")),
@@ -238,9 +296,17 @@ class Controller:
             "status": lambda a: self.status(),
         }
 
-    def dispatch(self, line: bytes) -> dict[str, Any]:
+    def dispatch(self, line: bytes, commands: frozenset[str] | None = None) -> dict[str, Any]:
+        """One request; `commands`: the only ones this socket accepts (None: all)."""
         try:
             spec, args = decode_request(line)
+            if commands is not None and spec.name not in commands:
+                raise CommandError(
+                    RUNTIME,
+                    f"permission denied: `{spec.name}` is not accepted on the rules socket, "
+                    f"only {', '.join(sorted(commands))}",
+                    f"use the control socket {self.config.controller.socket} (root only)",
+                )
             return {"ok": True, "result": self.handlers()[spec.name](args)}
         except CommandError as exc:
             return exc.to_wire()
@@ -305,10 +371,12 @@ class Controller:
             },
         }
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: Listener
+    ) -> None:
         try:
-            if not self._peer_allowed(writer):
-                writer.write(CommandError(RUNTIME, "permission denied: root only").to_wire_bytes())
+            if not self._peer_allowed(writer, listener):
+                writer.write(CommandError(RUNTIME, listener.refusal()).to_wire_bytes())
                 return
             while True:
                 try:
@@ -323,7 +391,9 @@ class Controller:
                 if not line:
                     break
                 loop = asyncio.get_running_loop()
-                reply = await loop.run_in_executor(self._worker, self.dispatch, line)
+                reply = await loop.run_in_executor(
+                    self._worker, self.dispatch, line, listener.commands
+                )
                 writer.write(encode(reply))
                 await writer.drain()
         except ConnectionError:
@@ -334,14 +404,17 @@ class Controller:
                 await writer.wait_closed()
 
     @staticmethod
-    def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
-        """Root or our own user only, on top of the socket's 0600 mode."""
+    def _peer_allowed(writer: asyncio.StreamWriter, listener: Listener) -> bool:
+        """SO_PEERCRED checked on top of the socket's mode (0600, or 0660 for a group)."""
         sock: socket.socket | None = writer.get_extra_info("socket")
         if sock is None:
             return False
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        return uid in (0, os.geteuid())
+        _pid, uid, gid = struct.unpack("3i", creds)
+        allowed = listener.peer_allowed(uid, gid)
+        if not allowed:
+            log.warning("refused a peer (uid %d, gid %d) on the %s socket", uid, gid, listener.name)
+        return allowed
 
     async def _sweeper(self) -> None:
         assert self.service is not None
@@ -360,31 +433,75 @@ class Controller:
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), EVENT_POLL_INTERVAL)
 
-    async def serve(self) -> None:
-        path = self.config.controller.socket
+    def listeners(self) -> tuple[Listener, Listener]:
+        ctl = self.config.controller
+        return (
+            Listener("control", ctl.socket),
+            Listener("rules", ctl.rules_socket, self._rules_gid, RULES_SOCKET_COMMANDS),
+        )
+
+    async def _listen(self, listener: Listener) -> asyncio.Server:
+        path = listener.path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         with suppress(FileNotFoundError):
             path.unlink()  # stale: we hold the pin lock, so no other controller serves it
-        old_umask = os.umask(0o177)
+        old_umask = os.umask(0o177)  # never reachable with a wider mode, even briefly
         try:
-            server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_LINE)
+            server = await asyncio.start_unix_server(
+                lambda r, w: self._client(r, w, listener), path=str(path), limit=MAX_LINE
+            )
         finally:
             os.umask(old_umask)
-        os.chmod(path, 0o600)
+        if listener.group_gid is None:
+            os.chmod(path, 0o600)
+        else:
+            os.chown(path, -1, listener.group_gid)
+            os.chmod(path, 0o660)
+            parent = path.parent.stat()
+            if not parent.st_mode & 0o001 and not (
+                parent.st_mode & 0o010 and parent.st_gid == listener.group_gid
+            ):
+                log.warning(
+                    "%s is not searchable by group %s: its members cannot reach %s",
+                    path.parent,
+                    grp.getgrgid(listener.group_gid).gr_name,
+                    path,
+                )
+        return server
+
+    async def serve(self) -> None:
+        listeners = self.listeners()
+        servers: list[asyncio.Server] = []
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        log.info("control API on %s", path)
-        tasks = [asyncio.create_task(self._sweeper()), asyncio.create_task(self._event_poller())]
+        tasks: list[asyncio.Task[None]] = []
         try:
+            for listener in listeners:
+                servers.append(await self._listen(listener))
+            control, rules = listeners
+            log.info("control API on %s", control.path)
+            log.info(
+                "rule bans on %s (%s)",
+                rules.path,
+                "root only"
+                if rules.group_gid is None
+                else f"group {self.config.controller.rules_group}, mode 0660",
+            )
+            tasks = [
+                asyncio.create_task(self._sweeper()),
+                asyncio.create_task(self._event_poller()),
+            ]
             await self._stop.wait()
         finally:
-            server.close()
-            await server.wait_closed()
+            for server in servers:
+                server.close()
+                await server.wait_closed()
             for task in tasks:
                 task.cancel()
-            with suppress(FileNotFoundError):
-                path.unlink()
+            for listener in listeners[: len(servers)]:
+                with suppress(FileNotFoundError):
+                    listener.path.unlink()
             log.info("stopped; the XDP program stays attached and keeps enforcing")
 
     def stop(self) -> None:

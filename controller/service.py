@@ -7,7 +7,10 @@ truth: `reconcile` makes the maps match it, and runs at start.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
 import sqlite3
 import unicodedata
 from collections.abc import Iterable
@@ -33,6 +36,13 @@ log = logging.getLogger(__name__)
 MAX_TTL = 10 * 365 * 86400
 MAX_REASON = 200
 DEFAULT_HISTORY_RETENTION = 30 * 86400.0
+# rule.ban: the escalation defaults (fail2ban's bantime.increment) and limits.
+DEFAULT_FACTOR = 2.0
+DEFAULT_MAX_TTL = 86400.0
+DEFAULT_MEMORY = 7 * 86400.0
+MAX_DETAILS = 4096  # bytes of the details object as compact JSON
+RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+HISTORY_SHOWN = 50  # events `explain` returns
 # Expiries recomputed from the wall clock differ by the time between two
 # readings; closer than this counts as the same.
 EXPIRY_TOLERANCE_NS = 1_000_000_000
@@ -65,6 +75,62 @@ def _reason(text: str | None, default: str) -> str:
 
 def _kind(net: Network) -> str:
     return "exact" if is_exact(net) else "prefix"
+
+
+def _duration(name: str, text: str | None, default: float) -> float:
+    if text is None:
+        return default
+    try:
+        return parse_duration(text, maximum=MAX_TTL)
+    except DurationError as exc:
+        raise CommandError(BAD_INPUT, f"{name}: {exc}") from None
+
+
+def _rule_name(text: str) -> str:
+    if not RULE_NAME.fullmatch(text):
+        raise CommandError(
+            BAD_INPUT,
+            f"invalid rule name {text[:80]!r}: use letters, digits, _ . : - "
+            "(at most 64 characters, starting with a letter or digit)",
+        )
+    return text
+
+
+def _factor(value: float | None) -> float:
+    if value is None:
+        return DEFAULT_FACTOR
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CommandError(BAD_INPUT, "factor must be a number")
+    if not math.isfinite(value) or value < 1:
+        raise CommandError(BAD_INPUT, f"factor must be a finite number of at least 1, got {value}")
+    return float(value)
+
+
+def _details(value: dict[str, Any] | None) -> str | None:
+    """The details object as the compact JSON text that is stored."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise CommandError(BAD_INPUT, "details must be a JSON object")
+    try:
+        text = json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CommandError(BAD_INPUT, f"details cannot be stored as JSON: {exc}") from None
+    if len(text) > MAX_DETAILS:  # ASCII: json.dumps escapes the rest
+        raise CommandError(
+            BAD_INPUT,
+            f"details is {len(text)} bytes as JSON; at most {MAX_DETAILS}",
+            "send the counters that fired the rule, not the requests",
+        )
+    return text
+
+
+def escalated_ttl(base: float, factor: float, earlier: int, longest: float) -> float:
+    """fail2ban's bantime.increment: base x factor^earlier, never above `longest`."""
+    try:
+        return min(longest, base * factor**earlier)
+    except OverflowError:
+        return longest
 
 
 class BanService:
@@ -233,6 +299,95 @@ class BanService:
             raise CommandError(RUNTIME, f"ban store error: {exc}", "check disk space") from None
         return "updated" if previous is not None and previous.active(ban.created) else "added"
 
+    def rule_ban(
+        self,
+        target: str,
+        ttl: str,
+        rule: str,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+        factor: float | None = None,
+        max_ttl: str | None = None,
+        memory: str | None = None,
+    ) -> dict[str, Any]:
+        """A ban asked for by a proxy rule, longer for each earlier rule ban within `memory`.
+
+        Never bans inside the allowlist (a reply, not an error: the proxy acts
+        on it) and never shortens a ban that already covers the target.
+        """
+        net = _target(target)
+        base = _duration("ttl", ttl, 0.0)
+        longest = _duration("max_ttl", max_ttl, DEFAULT_MAX_TTL)
+        window = _duration("memory", memory, DEFAULT_MEMORY)
+        name = _rule_name(rule)
+        why = _reason(reason, f"rule {name}")
+        growth = _factor(factor)
+        recorded = _details(details)
+        if longest < base:
+            raise CommandError(
+                BAD_INPUT,
+                f"max_ttl ({format_duration(longest)}) is shorter than ttl "
+                f"({format_duration(base)})",
+                "raise max_ttl or lower ttl",
+            )
+        shown = format_target(net)
+        covering = self._allow_covering(net)
+        if covering is not None:
+            allow, what = covering
+            log.warning(
+                "rule %s asked to ban %s, which is inside %s, %s: not banned "
+                "(allowlisted traffic always passes)",
+                name,
+                shown,
+                format_target(allow),
+                what,
+            )
+            return {
+                "status": "allowlisted",
+                "target": shown,
+                "allowed_by": format_target(allow),
+                "rule": name,
+            }
+
+        now = self.clock.wall()
+        earlier = self.store.count_events(net, "ban", "rule", now - window)
+        seconds = escalated_ttl(base, growth, earlier, longest)
+        for ban in self.store.covering_bans(net):
+            if ban.active(now) and (ban.expires is None or ban.expires >= now + seconds):
+                log.info(
+                    "rule %s asked to ban %s for %s; %s is already banned longer, kept",
+                    name,
+                    shown,
+                    format_duration(seconds),
+                    format_target(ban.target),
+                )
+                return {
+                    "status": "already_banned",
+                    "target": shown,
+                    "banned_by": format_target(ban.target),
+                    "expires": ban.expires,
+                    "rule": name,
+                }
+        ban = Ban(net, why, "rule", now, now + seconds, name, recorded)
+        status = self._write_ban(ban)
+        log.info(
+            "rule %s banned %s for %s (offence %d within %s; %s)",
+            name,
+            shown,
+            format_duration(seconds),
+            earlier + 1,
+            format_duration(window),
+            why,
+        )
+        return {
+            **self._ban_json(ban, None),
+            "status": status,
+            "ttl": seconds,
+            "offence": earlier + 1,
+            "rule": name,
+            "details": details,
+        }
+
     def _restore_map(self, net: Network, previous: Ban | None) -> None:
         if previous is None or not previous.active(self.clock.wall()):
             self.maps.delete_ban(net)
@@ -267,6 +422,58 @@ class BanService:
             "ttl_remaining": None if ban.expires is None else max(0.0, ban.expires - now),
             "packets": hits.packets if hits else 0,
             "bytes": hits.bytes if hits else 0,
+        }
+
+    def explain(self, target: str) -> dict[str, Any]:
+        """Why `target` is or is not dropped, from the store (the truth the maps follow)."""
+        net = _target(target)
+        now = self.clock.wall()
+        bans = [
+            {
+                "target": format_target(ban.target),
+                "match": "exact" if ban.target == net else "prefix",
+                "reason": ban.reason,
+                "source": ban.source,
+                "rule": ban.rule,
+                "created": ban.created,
+                "expires": ban.expires,
+                "ttl_remaining": None if ban.expires is None else max(0.0, ban.expires - now),
+                "details": None if ban.details is None else json.loads(ban.details),
+            }
+            for ban in self.store.covering_bans(net)
+            if ban.active(now)
+        ]
+        allowed_by = [
+            {"target": format_target(m), "source": "config", "reason": "management network"}
+            for m in self.management
+            if covers(m, net)
+        ]
+        allowed_by += [
+            {"target": format_target(a.target), "source": "cli", "reason": a.reason}
+            for a in self.store.allows()
+            if covers(a.target, net) and a.target not in self.management
+        ]
+        history = [
+            {
+                "at": e.at,
+                "action": e.action,
+                "source": e.source,
+                "reason": e.reason,
+                "ttl": e.ttl,
+                "rule": e.rule,
+                "details": None if e.details is None else json.loads(e.details),
+            }
+            for e in self.store.events(net, HISTORY_SHOWN)
+        ]
+        verdict = "allowlisted" if allowed_by else "banned" if bans else "not_banned"
+        return {
+            "target": format_target(net),
+            "kind": _kind(net),
+            "family": f"ipv{net.version}",
+            "verdict": verdict,
+            "bans": bans,
+            "allowed_by": allowed_by,
+            "history": history,
         }
 
     def list_bans(self) -> list[dict[str, Any]]:

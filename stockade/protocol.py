@@ -4,11 +4,15 @@ Wire format: one JSON object per line over the unix socket.
   request: {"command": "ban", "args": {"target": "198.18.0.7", "ttl": "1h"}}
   reply:   {"ok": true, "result": ...}
        or  {"ok": false, "error": {"kind": "bad_input", "message": "...", "hint": "..."}}
+
+Two sockets serve it: the control socket (root only, every command) and the
+rules socket for the proxy (only the commands marked `rules_socket`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +26,15 @@ RUNTIME = "runtime"
 EXIT_CODES = {BAD_INPUT: 2, NOT_FOUND: 1, RUNTIME: 1}
 
 
+# Argument kinds that do not travel as a JSON string.
+NUMBER = "number"  # a finite JSON number
+OBJECT = "object"  # a JSON object
+
+
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "target", "duration", "text", "int"
+    kind: str  # "target", "duration", "text" (JSON strings), NUMBER or OBJECT
     help: str
     required: bool = False
 
@@ -36,6 +45,7 @@ class CommandSpec:
     usage: str  # how the CLI spells it
     help: str
     params: tuple[Param, ...] = ()
+    rules_socket: bool = False  # also accepted on the proxy's rules socket
 
 
 TARGET = Param("target", "target", "IPv4/IPv6 address or CIDR prefix", required=True)
@@ -76,6 +86,41 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "List the allowlist, management networks from the config included.",
     ),
     CommandSpec(
+        "rule.ban",
+        "stockade rule ban TARGET --ttl 10m --rule NAME [--reason TEXT] [--details JSON] "
+        "[--factor 2] [--max-ttl 1d] [--memory 7d] [--json]",
+        "Ban TARGET for a proxy rule; a repeat offender's ban is longer: "
+        "ttl x factor^n, at most max_ttl, for n earlier rule bans of TARGET within memory.",
+        (
+            TARGET,
+            Param("ttl", "duration", "the ban of a first offence (90s, 15m, 1h, 7d)", True),
+            Param(
+                "rule",
+                "text",
+                "the rule's name: letters, digits, _ . : - (at most 64 characters)",
+                True,
+            ),
+            Param("reason", "text", "why (at most 200 characters); default `rule NAME`"),
+            Param(
+                "details",
+                OBJECT,
+                "what fired the rule (its counters), kept with the ban and shown by "
+                "`stockade explain`; at most 4096 bytes as JSON",
+            ),
+            Param("factor", NUMBER, "growth per earlier offence, at least 1 (default 2)"),
+            Param("max_ttl", "duration", "the longest ban escalation gives (default 1d)"),
+            Param("memory", "duration", "how far back earlier rule bans count (default 7d)"),
+        ),
+        rules_socket=True,
+    ),
+    CommandSpec(
+        "explain",
+        "stockade explain TARGET [--json]",
+        "Why TARGET is or is not dropped: the bans and allowlist entries that cover it, "
+        "and its recent ban history.",
+        (TARGET,),
+    ),
+    CommandSpec(
         "stats", "stockade stats [--json]", "Packets and bytes per verdict reason, from the kernel."
     ),
     CommandSpec(
@@ -86,6 +131,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
 )
 
 COMMANDS_BY_NAME = {spec.name: spec for spec in COMMANDS}
+RULES_SOCKET_COMMANDS = frozenset(spec.name for spec in COMMANDS if spec.rules_socket)
 
 
 class CommandError(Exception):
@@ -126,6 +172,8 @@ def decode_request(line: bytes) -> tuple[CommandSpec, dict[str, Any]]:
         message = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CommandError(BAD_INPUT, "request is not valid JSON") from None
+    except RecursionError:
+        raise CommandError(BAD_INPUT, "request is nested too deeply") from None
     if not isinstance(message, dict):
         raise CommandError(BAD_INPUT, "request must be a JSON object")
     name = message.get("command")
@@ -145,9 +193,23 @@ def decode_request(line: bytes) -> tuple[CommandSpec, dict[str, Any]]:
             if param.required:
                 raise CommandError(BAD_INPUT, f"{spec.name}: missing argument {param.name!r}")
             continue
-        if not isinstance(value, str):
-            raise CommandError(BAD_INPUT, f"{spec.name}: {param.name} must be a string")
+        _check_kind(spec, param, value)
     return spec, args
+
+
+def _check_kind(spec: CommandSpec, param: Param, value: Any) -> None:
+    where = f"{spec.name}: {param.name}"
+    if param.kind == NUMBER:
+        # bool is an int in Python, but never a number on the wire
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CommandError(BAD_INPUT, f"{where} must be a number")
+        if not math.isfinite(value):
+            raise CommandError(BAD_INPUT, f"{where} must be a finite number")
+    elif param.kind == OBJECT:
+        if not isinstance(value, dict):
+            raise CommandError(BAD_INPUT, f"{where} must be a JSON object")
+    elif not isinstance(value, str):
+        raise CommandError(BAD_INPUT, f"{where} must be a string")
 
 
 def _cell(text: str) -> str:
@@ -169,6 +231,13 @@ def render_markdown() -> str:
         "`/run/stockade/control.sock`, mode 0600, root only). The `stockade` CLI is a client",
         "of it; every command below is also a CLI command.",
         "",
+        "A second socket, for the proxy (`controller.rules_socket`, default",
+        "`/run/stockade/rules.sock`), accepts only the commands marked *rules socket* below.",
+        "It is root only (mode 0600) unless `controller.rules_group` names a group: then it",
+        "belongs to that group with mode 0660, and a peer whose uid is 0 or the controller's,",
+        "whose gid is that group, or whose user is a member of it may use it. Any other command",
+        "sent there is refused with `runtime` (permission denied) and changes nothing.",
+        "",
         f"Protocol version {PROTOCOL_VERSION}. One JSON object per line (UTF-8, at most",
         f"{MAX_LINE} bytes), one reply line per request; a connection may carry several.",
         "",
@@ -178,8 +247,9 @@ def render_markdown() -> str:
         'error:   {"ok": false, "error": {"kind": "bad_input", "message": "...", "hint": "..."}}',
         "```",
         "",
-        "Every argument is a JSON string; `args` may be omitted when a command takes none.",
-        "An unknown command, an unknown or missing argument, or a value that is not a string",
+        "Every argument is a JSON string, except those of kind `number` (a finite JSON number)",
+        "and `object` (a JSON object); `args` may be omitted when a command takes none.",
+        "An unknown command, an unknown or missing argument, or a value of the wrong JSON type",
         "is refused with `bad_input` and changes nothing. The results are described in",
         "[cli-json.md](cli-json.md): the CLI's `--json` prints them as they arrive.",
         "",
@@ -197,6 +267,8 @@ def render_markdown() -> str:
     lines += ["", "## Commands", ""]
     for spec in COMMANDS:
         lines += [f"### `{spec.name}`", "", spec.help, "", f"CLI: `{spec.usage}`", ""]
+        if spec.rules_socket:
+            lines += ["Sockets: the control socket and the *rules socket*.", ""]
         if not spec.params:
             lines += ["Arguments: none.", ""]
             continue
