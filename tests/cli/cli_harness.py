@@ -63,13 +63,14 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def config_text(state: Path, pin_root: Path) -> str:
+def config_text(state: Path, pin_root: Path, controller_extra: str = "") -> str:
     return f"""
 [controller]
 socket = "{state}/run/control.sock"
 state_dir = "{state}/lib"
 pin_root = "{pin_root}"
 sweep_interval = "1s"
+{controller_extra}
 
 [xdp]
 interfaces = []
@@ -91,15 +92,18 @@ class Controller:
 
     home: Path
     pin_root: Path
+    controller_extra: str = ""  # more [controller] keys
+    run_args: tuple[str, ...] = ()  # e.g. ("--dry-run",)
     config: Path = field(init=False)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
     def __post_init__(self) -> None:
         self.config = self.home / "stockade.toml"
-        self.config.write_text(config_text(self.home, self.pin_root))
+        self.config.write_text(config_text(self.home, self.pin_root, self.controller_extra))
         settings = program_settings(load_config(self.config))
         self.socket = load_config(self.config).controller.socket
+        self.rules_socket = load_config(self.config).controller.rules_socket
         self.pin_dir = settings.pin_dir
         self.settings = settings
 
@@ -117,10 +121,11 @@ class Controller:
         assert self.proc is None, "already running"
         # only ever a leftover of a killed run; waiting for the socket needs it gone
         self.socket.unlink(missing_ok=True)
+        self.rules_socket.unlink(missing_ok=True)
         self.starts += 1
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*STOCKADE, "--config", str(self.config), "controller", "run"],
+                [*STOCKADE, "--config", str(self.config), "controller", "run", *self.run_args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

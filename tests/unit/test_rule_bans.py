@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pwd
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,6 @@ import pytest
 
 from stockade.clock import FakeClock
 from stockade.config import Config
-from stockade.controller import daemon
 from stockade.controller.daemon import Controller, Listener, peer_in_group
 from stockade.controller.maps import DryRunMaps
 from stockade.controller.service import MAX_DETAILS, BanService, escalated_ttl
@@ -459,9 +460,9 @@ def test_peer_check(monkeypatch: pytest.MonkeyPatch) -> None:
     class Entry:
         pw_name = "proxyuser"
 
-    monkeypatch.setattr(daemon.pwd, "getpwuid", lambda uid: Entry())
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: Entry())
     monkeypatch.setattr(
-        daemon.os, "getgrouplist", lambda name, gid: [gid, 4242] if name == "proxyuser" else [gid]
+        os, "getgrouplist", lambda name, gid: [gid, 4242] if name == "proxyuser" else [gid]
     )
     assert group.peer_allowed(1000, 1000)  # a member through its supplementary groups
     assert not root_only.peer_allowed(1000, 1000)
@@ -473,6 +474,6 @@ def test_a_peer_without_a_passwd_entry_needs_the_gid(monkeypatch: pytest.MonkeyP
     def missing(uid: int) -> None:
         raise KeyError(uid)
 
-    monkeypatch.setattr(daemon.pwd, "getpwuid", missing)
+    monkeypatch.setattr(pwd, "getpwuid", missing)
     assert not peer_in_group(123456, 1, 4242)
     assert peer_in_group(123456, 4242, 4242)
