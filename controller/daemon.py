@@ -120,6 +120,7 @@ class Listener:
     path: Path
     group_gid: int | None = None  # None: root only (0600); else chgrp and 0660
     commands: frozenset[str] | None = None  # None: every command
+    group_name: str = ""  # for messages
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
         if uid in (0, os.geteuid()):
@@ -129,7 +130,7 @@ class Listener:
     def refusal(self) -> str:
         if self.group_gid is None:
             return "permission denied: root only"
-        return f"permission denied: root or group {grp.getgrgid(self.group_gid).gr_name} only"
+        return f"permission denied: root or group {self.group_name} only"
 
 
 @dataclass
@@ -437,7 +438,13 @@ class Controller:
         ctl = self.config.controller
         return (
             Listener("control", ctl.socket),
-            Listener("rules", ctl.rules_socket, self._rules_gid, RULES_SOCKET_COMMANDS),
+            Listener(
+                "rules",
+                ctl.rules_socket,
+                self._rules_gid,
+                RULES_SOCKET_COMMANDS,
+                ctl.rules_group or "",
+            ),
         )
 
     async def _listen(self, listener: Listener) -> asyncio.Server:
@@ -464,7 +471,7 @@ class Controller:
                 log.warning(
                     "%s is not searchable by group %s: its members cannot reach %s",
                     path.parent,
-                    grp.getgrgid(listener.group_gid).gr_name,
+                    listener.group_name,
                     path,
                 )
         return server
@@ -484,9 +491,7 @@ class Controller:
             log.info(
                 "rule bans on %s (%s)",
                 rules.path,
-                "root only"
-                if rules.group_gid is None
-                else f"group {self.config.controller.rules_group}, mode 0660",
+                "root only" if rules.group_gid is None else f"group {rules.group_name}, mode 0660",
             )
             tasks = [
                 asyncio.create_task(self._sweeper()),

@@ -450,7 +450,9 @@ def test_rule_ban_through_both_dispatchers(controller: Controller) -> None:
 
 def test_peer_check(monkeypatch: pytest.MonkeyPatch) -> None:
     root_only = Listener("control", Path("/x"))
-    group = Listener("rules", Path("/y"), group_gid=4242)
+    group = Listener("rules", Path("/y"), group_gid=4242, group_name="proxies")
+    assert root_only.refusal() == "permission denied: root only"
+    assert group.refusal() == "permission denied: root or group proxies only"
     assert root_only.peer_allowed(0, 0)
     assert not root_only.peer_allowed(65534, 4242)
     assert group.peer_allowed(0, 0)
