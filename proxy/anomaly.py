@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from aiohttp.web_request import BaseRequest
 
 from stockade.proxy.anomaly_settings import AnomalyRule
+from stockade.proxy.ban_client import BanPushError
 from stockade.proxy.context import RequestContext
 from stockade.proxy.errors import Refusal
 from stockade.proxy.pipeline_types import Stage
@@ -35,9 +36,12 @@ from stockade.proxy.shared_table import PenaltyTable, WindowCounters, digest
 
 log = logging.getLogger("stockade.proxy")
 
-LOG, DENY, TARPIT, BAN, ALLOWLISTED = range(5)
+# Penalties, weakest first: a stronger rule replaces a weaker one's penalty.
+LOG, TARPIT, DENY, BAN, ALLOWLISTED = range(5)
 ACTION_CODES = {"log": LOG, "deny": DENY, "tarpit": TARPIT, "ban": BAN}
+DEFAULT_RULES_SOCKET = Path("/run/stockade/rules.sock")  # when no config names one
 RECENT = 100  # firings kept for `stockade explain` and status
+BAN_RETRY_PAUSES = (0.2, 1.0, 2.0)  # after each attempt that failed but may succeed later
 MAX_UA_TERMS = 10_000
 
 
@@ -139,9 +143,26 @@ class AnomalyDetector:
         return bool(self.rules)
 
     # -- counting -------------------------------------------------------------
+    @staticmethod
+    def _key(who: str, metric: str, window: float) -> bytes:
+        return digest(f"a\0{metric}\0{window:g}\0{who}")
+
     def _add(self, who: str, metric: str, window: float, now: float, amount: int = 1) -> int:
-        key = digest(f"a\0{metric}\0{window:g}\0{who}")
-        return self.counters.update(key, window, now, amount)[1]
+        return self.counters.update(self._key(who, metric, window), window, now, amount)[1]
+
+    def _reset(self, rule: AnomalyRule, who: str, path: str) -> None:
+        """After a rule stopped a source: the counts it looked at start afresh (as
+        fail2ban forgets the failures behind a ban), so an expired ban is not
+        re-imposed at once by the counts that caused it. A `log` rule resets nothing."""
+        assert rule.condition is not None
+        window = rule.condition.window
+        for metric in rule.metrics:
+            names = {
+                "err_ratio": ("requests", "errors"),
+                "auth_failures_same_path": ("f\0" + path,),
+            }.get(metric, (metric,))
+            for name in names:
+                self.counters.clear(self._key(who, name, window))
 
     def _first_seen(self, who: str, tag: str, path: str, window: float, now: float) -> bool:
         return self._add(who, tag + path, window, now) == 1
@@ -180,7 +201,8 @@ class AnomalyDetector:
                 subject = ctx.client_ip if rule.key == "ip" else ctx.consumer
                 assert subject is not None
                 wanted = {t.metric: observed[t.metric] for t in condition.terms}
-                self.fire(index, subject, wanted, now)
+                if self.fire(index, subject, wanted, now) and rule.action != "log":
+                    self._reset(rule, f"{rule.key}\0{subject}", ctx.path)
 
     def _count(
         self, who: str, metrics: set[str], window: float, ctx: RequestContext, now: float
@@ -220,13 +242,14 @@ class AnomalyDetector:
         return out
 
     # -- acting ---------------------------------------------------------------
-    def fire(self, index: int, subject: str, observed: dict[str, float], now: float) -> None:
+    def fire(self, index: int, subject: str, observed: dict[str, float], now: float) -> bool:
+        """Act on a rule for a source, unless it was already acted on; True if this did."""
         rule = self.rules[index]
         code = ACTION_CODES[rule.action]
         key = digest(f"{rule.key}\0{subject}")
         until = now + rule.duration
-        if not self.penalties.set_if_absent(key, code, index, until, now):
-            return  # already acted on (here or by another worker)
+        if not self.penalties.raise_to(key, code, index, until, now):
+            return False  # acted on already (here or by another worker), or by a stronger rule
         self.fired[rule.name] += 1
         wall = self.wall()
         self.recent.append(
@@ -240,6 +263,7 @@ class AnomalyDetector:
             task = asyncio.get_running_loop().create_task(self._ban(rule, subject, observed, key))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _ban(
         self, rule: AnomalyRule, subject: str, observed: dict[str, float], key: bytes
@@ -248,19 +272,28 @@ class AnomalyDetector:
             log.error("rule %s: no controller to ban %s; denying it here", rule.name, subject)
             return
         reason = f"rule {rule.name}: " + ", ".join(f"{k}={v:g}" for k, v in observed.items())
-        try:
-            result = await self.bans.rule_ban(
-                target=subject,
-                ttl=rule.duration,
-                rule=rule.name,
-                reason=reason[:200],
-                details={"counters": observed, "condition": str(rule.condition or "user_agent")},
-                factor=rule.ban_factor,
-                max_ttl=rule.ban_max,
-            )
-        except Exception as exc:  # a background task: log it, never lose it silently
+        details = {"counters": observed, "condition": str(rule.condition or "user_agent")}
+        result = None
+        for pause in BAN_RETRY_PAUSES:
+            try:
+                result = await self.bans.rule_ban(
+                    target=subject,
+                    ttl=rule.duration,
+                    rule=rule.name,
+                    reason=reason[:200],
+                    details=details,
+                    factor=rule.ban_factor,
+                    max_ttl=rule.ban_max,
+                )
+                break
+            except BanPushError as exc:
+                failure = exc
+                if not exc.retryable:
+                    break
+                await asyncio.sleep(pause)  # the controller may be restarting
+        if result is None:
             log.error(
-                "rule %s: ban of %s not pushed (%s); denying it here", rule.name, subject, exc
+                "rule %s: ban of %s not pushed (%s); denying it here", rule.name, subject, failure
             )
             return
         if result.get("status") == "allowlisted":

@@ -1,7 +1,7 @@
 """The [proxy.anomaly] part of the configuration: behaviour rules and their actions.
 
 [proxy.anomaly]
-rules_socket = "/run/stockade/rules.sock"   # the controller's socket for rule bans
+rules_socket = "/run/stockade/rules.sock"   # default: the controller's rules_socket
 tarpit_max = 64                              # tarpitted requests at once, per worker
 user_agents_file = "/usr/share/modsecurity-crs/rules/scanners-user-agents.data"
 
@@ -126,7 +126,7 @@ class AnomalyRule:
 @dataclass(frozen=True)
 class AnomalyConfig:
     rules: tuple[AnomalyRule, ...] = ()
-    rules_socket: Path = Path("/run/stockade/rules.sock")
+    rules_socket: Path | None = None  # None: the controller's [controller] rules_socket
     tarpit_max: int = 64
     user_agents_file: Path = DEFAULT_USER_AGENTS
     max_keys: int = 100_000  # counters in shared memory
@@ -188,7 +188,9 @@ def parse_anomaly(section: Section) -> AnomalyConfig:
         raise ConfigError(f"{section.key('rules')}: two rules have the same name")
     config = AnomalyConfig(
         rules=rules,
-        rules_socket=section.path("rules_socket", d.rules_socket),
+        rules_socket=section.path("rules_socket", Path())
+        if "rules_socket" in section.table
+        else None,
         tarpit_max=section.integer("tarpit_max", d.tarpit_max, 0, 100_000),
         user_agents_file=section.path("user_agents_file", d.user_agents_file),
         max_keys=section.integer("max_keys", d.max_keys, 1024, 50_000_000),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from stockade.clock import Clock
 from stockade.proxy.access_log import AccessLog
-from stockade.proxy.anomaly import AnomalyDetector
+from stockade.proxy.anomaly import DEFAULT_RULES_SOCKET, AnomalyDetector
 from stockade.proxy.auth_setup import build_authenticator
+from stockade.proxy.ban_client import BanClient
 from stockade.proxy.context import RequestContext
 from stockade.proxy.forward import Forwarder, Upstreams
 from stockade.proxy.health import HealthChecker
@@ -35,7 +36,9 @@ class Gateway:
         self.auth.plan_claim = config.quotas.plan_claim
         self.shared = shared if shared is not None else SharedState.create(config)
         self.limiter = RateLimiter(config, self.shared.counters, self.shared.quotas)
-        bans = None  # the controller's rules-socket client is wired in next
+        ban_rules = any(rule.action == "ban" for rule in config.anomaly.rules)
+        socket = config.anomaly.rules_socket or DEFAULT_RULES_SOCKET
+        bans = BanClient(socket) if ban_rules else None
         self.anomaly = AnomalyDetector(config, self.shared.counters, self.shared.penalties, bans)
         self.usage = (
             UsageWriter(config.quotas.database, self.shared.quotas)

@@ -169,6 +169,15 @@ class WindowCounters:
     def total(self, key: bytes, window: float, now: float) -> int:
         return self.update(key, window, now, amount=0)[1]
 
+    def clear(self, key: bytes) -> None:
+        """Forget the key's counts (its slot becomes free)."""
+        table = self.table
+        group, lock = table.locate(key)
+        with lock:
+            offset, _ = table.find(key, group, 0, claim=False)
+            if offset >= 0:
+                table.memory[offset : offset + table.slot_bytes] = bytes(table.slot_bytes)
+
 
 class PenaltyTable:
     """Sources currently denied, tarpitted or banned by a rule, until a deadline."""
@@ -189,17 +198,20 @@ class PenaltyTable:
             packed = table.quads[offset // 8 + 3]
         return packed >> 16, packed & 0xFFFF
 
-    def set_if_absent(self, key: bytes, action: int, rule: int, until: float, now: float) -> bool:
-        """Record a penalty unless one is live already; True if this call set it.
+    def raise_to(self, key: bytes, action: int, rule: int, until: float, now: float) -> bool:
+        """Record a penalty unless one as strong is live already; True if this call set it.
 
-        Workers can fire the same rule for the same source at once; only the
-        one that sets the penalty acts on it (so a ban is pushed once).
+        Actions are numbered weakest first. Workers can fire the same rule for
+        the same source at once; only the one that sets the penalty acts on it
+        (so a ban is pushed once), and a weaker rule never masks a stronger one.
         """
         table = self.table
         group, lock = table.locate(key)
         with lock:
             offset, new = table.find(key, group, int(now * 1e9), claim=True)
-            if offset < 0 or not new:
+            if offset < 0:
+                return False
+            if not new and table.quads[offset // 8 + 3] >> 16 >= action:
                 return False
             table.quads[offset // 8 + 3] = (action << 16) | (rule & 0xFFFF)
             table.quads[offset // 8 + 2] = int(until * 1e9)

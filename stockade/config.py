@@ -6,6 +6,7 @@ did-you-mean, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import grp
 import os
@@ -159,10 +160,15 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         close = difflib.get_close_matches(unknown[0], _SECTIONS, n=1)
         hint = f"; did you mean [{close[0]}]?" if close else ""
         raise ConfigError(f"unknown section [{unknown[0]}]{hint}")
+    controller = _controller(Section("controller", data.get("controller", {})))
+    proxy = parse_proxy(Section("proxy", data.get("proxy", {})))
+    if proxy.anomaly.rules_socket is None:  # the proxy pushes rule bans to this controller
+        anomaly = dataclasses.replace(proxy.anomaly, rules_socket=controller.rules_socket)
+        proxy = dataclasses.replace(proxy, anomaly=anomaly)
     return Config(
-        controller=_controller(Section("controller", data.get("controller", {}))),
+        controller=controller,
         xdp=_xdp(Section("xdp", data.get("xdp", {}))),
-        proxy=parse_proxy(Section("proxy", data.get("proxy", {}))),
+        proxy=proxy,
         path=path,
     )
 

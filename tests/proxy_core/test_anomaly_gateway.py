@@ -16,16 +16,21 @@ from proxy_harness import Upstream, config_for, gateway
 from stockade.proxy.anomaly_settings import AnomalyConfig, AnomalyRule, parse_condition
 from stockade.proxy.api_keys import generate_key
 from stockade.proxy.auth_settings import AuthConfig, RouteAuth
+from stockade.proxy.ban_client import BanPushError
 from stockade.proxy.settings import ProxyConfig
 
 
 class FakeController:
-    def __init__(self, answer: str = "added") -> None:
+    def __init__(self, answer: str = "added", failures: int = 0, kind: str = "unavailable") -> None:
         self.answer = answer
+        self.failures = failures  # the first calls fail like an absent controller
+        self.kind = kind
         self.calls: list[dict[str, Any]] = []
 
     async def rule_ban(self, **args: Any) -> dict[str, Any]:
         self.calls.append(args)
+        if len(self.calls) <= self.failures:
+            raise BanPushError(self.kind, "no controller")
         return {"status": self.answer, "target": args["target"]}
 
     async def close(self) -> None:
@@ -232,6 +237,56 @@ def test_a_consumer_rule_denies_the_consumer_not_the_address(tmp_path: Path) -> 
                 assert await get(s, f"{url}/bytes/4000", headers=greedy) == 200
                 assert await get(s, f"{url}/x", headers=greedy) == 403
                 assert await get(s, f"{url}/x", headers=polite) == 200  # same IP, other consumer
+        finally:
+            await up.stop()
+
+    run(scenario())
+
+
+def test_a_ban_push_is_retried_while_the_controller_is_away(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        up = Upstream("a")
+        await up.start()
+        try:
+            burst = rule("burst", "requests > 2 in 1m", "ban", duration=60.0)
+            config = with_rules(config_for([up], tmp_path / "log"), tmp_path, burst)
+            async with gateway(config) as (url, gw), aiohttp.ClientSession() as s:
+                gw.anomaly.bans = fake = FakeController(failures=1)
+                for _ in range(3):
+                    assert await get(s, f"{url}/x") == 200
+                await asyncio.sleep(0.5)  # one failure, a 0.2 s pause, then it lands
+                assert len(fake.calls) == 2
+                # a refusal that will stay a refusal is not retried
+                gw.anomaly.bans = refused = FakeController(failures=9, kind="bad_input")
+                gw.anomaly.fire(0, "198.18.0.99", {"requests": 3.0}, gw.anomaly.monotonic())
+                await asyncio.sleep(0.5)
+                assert len(refused.calls) == 1
+        finally:
+            await up.stop()
+
+    run(scenario())
+
+
+def test_counts_start_afresh_after_a_rule_acts_and_log_never_masks_deny(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        up = Upstream("a")
+        await up.start()
+        try:
+            noisy = rule("noisy", "requests > 1 in 1m", "log", duration=60.0)
+            burst = rule("burst", "requests > 3 in 1m", "deny", duration=0.5)
+            config = with_rules(config_for([up], tmp_path / "log"), tmp_path, noisy, burst)
+            async with gateway(config) as (url, gw), aiohttp.ClientSession() as s:
+                # the 4th request trips "burst" although "noisy" logged the 2nd
+                assert [await get(s, f"{url}/x") for _ in range(5)] == [200] * 4 + [403]
+                await asyncio.sleep(0.6)
+                # the deny is over, and the counts that caused it are gone with it;
+                # only the one request denied meanwhile still counts
+                assert [await get(s, f"{url}/x") for _ in range(4)] == [200, 200, 200, 403]
+                # one penalty per source: the deny replaced the log entry, so once
+                # the deny was over "noisy" logged again
+                assert gw.anomaly.fired == {"noisy": 2, "burst": 2}
         finally:
             await up.stop()
 

@@ -168,3 +168,12 @@ def test_a_bad_user_agent_list_is_refused(tmp_path: Path) -> None:
     for path in (empty, tmp_path / "missing.data"):
         with pytest.raises(UserAgentListError):
             load_user_agents(path)
+
+
+def test_the_proxy_pushes_rule_bans_to_its_controllers_rules_socket(tmp_path: Path) -> None:
+    from stockade.config import parse_config
+
+    config = parse_config({"controller": {"socket": str(tmp_path / "c.sock")}})
+    assert config.proxy.anomaly.rules_socket == tmp_path / "rules.sock"
+    explicit = parse_config({"proxy": {"anomaly": {"rules_socket": "/run/x/r.sock"}}})
+    assert explicit.proxy.anomaly.rules_socket == Path("/run/x/r.sock")

@@ -38,6 +38,15 @@ def test_a_refusal_says_when_to_retry_and_counts_nothing() -> None:
     assert counters.update(key, 10.0, 51.0 + wait + 0.01, 1, 10)[0]
 
 
+def test_a_cleared_key_counts_from_zero() -> None:
+    counters = WindowCounters(1024)
+    key = digest("k")
+    counters.update(key, 60.0, 10.0, 5)
+    counters.clear(key)
+    assert counters.total(key, 60.0, 10.5) == 0
+    assert counters.update(key, 60.0, 11.0, 1, 1)[0]
+
+
 def test_keys_and_windows_are_independent_and_expire() -> None:
     counters = WindowCounters(1024)
     a, b = digest("a"), digest("b")
@@ -75,16 +84,19 @@ def test_forked_workers_share_one_exact_count() -> None:
     assert counters.total(key, 60.0, 500.0) == 1000
 
 
-def test_penalties_are_set_once_and_expire() -> None:
+def test_penalties_are_set_once_only_raised_and_expire() -> None:
     table = PenaltyTable(1024)
     key = digest("ip\x00198.18.0.10")
-    assert table.set_if_absent(key, 3, 7, until=20.0, now=10.0)
-    assert not table.set_if_absent(key, 1, 2, until=30.0, now=11.0)  # already acted on
-    assert table.get(key, 15.0) == (3, 7)
-    assert table.get(key, 20.5) is None
-    assert table.set_if_absent(key, 1, 2, until=40.0, now=21.0)
-    table.replace(key, 4, 2, until=50.0)
-    assert table.get(key, 45.0) == (4, 2)
+    assert table.raise_to(key, 2, 7, until=20.0, now=10.0)
+    assert not table.raise_to(key, 2, 8, until=30.0, now=11.0)  # acted on already
+    assert not table.raise_to(key, 1, 9, until=30.0, now=11.0)  # a weaker one never masks it
+    assert table.get(key, 15.0) == (2, 7)
+    assert table.raise_to(key, 3, 5, until=25.0, now=12.0)  # a stronger one replaces it
+    assert table.get(key, 15.0) == (3, 5)
+    assert table.get(key, 25.5) is None
+    assert table.raise_to(key, 1, 2, until=40.0, now=26.0)
+    table.replace(key, 0, 2, until=50.0)
+    assert table.get(key, 45.0) == (0, 2)
 
 
 def test_tiny_tables_are_refused() -> None:
