@@ -11,6 +11,8 @@ import click
 from stockade.cli import output
 from stockade.cli.context import Context, check_target, command_help, fail, json_option, pass_ctx
 from stockade.durations import DurationError, format_duration, parse_duration
+from stockade.proxy.status import read_status
+from stockade.targets import TargetError, covers, parse_target
 
 HEADLINES = {
     "banned": "BANNED: its packets are dropped",
@@ -37,6 +39,7 @@ def _details(details: Any) -> str:
 @pass_ctx
 def explain(ctx: Context, target: str, as_json: bool) -> None:
     result = ctx.call("explain", target=check_target(target))
+    result["proxy"] = {"penalties": proxy_penalties(ctx, result["target"])}
     if as_json:
         output.emit_json(result)
         return
@@ -57,6 +60,11 @@ def explain(ctx: Context, target: str, as_json: bool) -> None:
         click.echo(f"    reason:  {ban['reason']}")
         if ban["details"] is not None:
             click.echo(f"    details: {_details(ban['details'])}")
+    for penalty in result["proxy"]["penalties"]:
+        click.echo(
+            f"  proxy: rule {penalty['rule']} ({penalty['action']}) on {penalty['subject']} "
+            f"until {_when(penalty['until'])}: {_details(penalty['counters'])}"
+        )
     history = result["history"]
     if not history:
         click.echo("history: none")
@@ -68,6 +76,23 @@ def explain(ctx: Context, target: str, as_json: bool) -> None:
         if event["action"] == "ban":
             ttl = " permanent" if event["ttl"] is None else f" for {format_duration(event['ttl'])}"
         click.echo(f"  {_when(event['at'])}  {event['action']}{ttl} ({by}): {event['reason']}")
+
+
+def proxy_penalties(ctx: Context, target: str) -> list[dict[str, Any]]:
+    """What the proxy's anomaly rules are doing to addresses inside `target` now
+    (from the workers' status files; empty when the proxy is not running)."""
+    net = parse_target(target)
+    now = time.time()
+    found = []
+    for worker in read_status(ctx.config().proxy.status_dir):
+        for firing in worker.get("anomaly", {}).get("recent", []):
+            try:
+                inside = covers(net, parse_target(firing["subject"]))
+            except TargetError:  # a consumer, not an address
+                continue
+            if inside and firing["until"] > now:
+                found.append(firing)
+    return sorted(found, key=lambda f: f["at"], reverse=True)
 
 
 @click.group(

@@ -18,6 +18,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,26 @@ def test_explain_json_and_plain(ctl: Controller) -> None:
         rule="scanner",
         details={"distinct_404_paths": 31},
     )
+    # a proxy worker's status file: its scanner rule acted on .51 (and on an older address)
+    status_dir = ctl.home / "run" / "proxy"
+    status_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    firing = {
+        "rule": "scanner",
+        "action": "ban",
+        "subject": "198.18.0.51",
+        "at": now - 1,
+        "until": now + 600,
+        "counters": {"distinct_404_paths": 31.0},
+    }
+    expired = {**firing, "subject": "198.18.0.52", "until": now - 5}
+    (status_dir / "worker-0.json").write_text(
+        json.dumps({"updated": now, "anomaly": {"recent": [expired, firing]}})
+    )
     result = ctl.ok_json("explain", "198.18.0.51")
     assert result["verdict"] == "banned"
+    assert result["proxy"]["penalties"] == [firing]
+    assert ctl.ok_json("explain", "198.18.0.52")["proxy"]["penalties"] == []  # over
     assert [(b["target"], b["match"], b["rule"]) for b in result["bans"]] == [
         ("198.18.0.51", "exact", "scanner"),
         ("198.18.0.0/16", "prefix", None),
@@ -196,7 +215,7 @@ def test_explain_json_and_plain(ctl: Controller) -> None:
     assert [(e["action"], e["rule"], e["ttl"]) for e in result["history"]] == [
         ("ban", "scanner", 600)
     ]
-    fields = set(result) | set(result["bans"][0]) | set(result["history"][0])
+    fields = set(result) | set(result["bans"][0]) | set(result["history"][0]) | set(firing)
     assert documented("explain") == fields
 
     plain = ctl.cli("explain", "198.18.0.51")
@@ -210,6 +229,9 @@ def test_explain_json_and_plain(ctl: Controller) -> None:
     )
     assert '    details: {"distinct_404_paths": 31}' in lines
     assert "history (newest first, last 1):" in lines
+    assert any(
+        line.startswith("  proxy: rule scanner (ban) on 198.18.0.51 until ") for line in lines
+    )
     assert re.search(
         r"^  \S+ \S+Z  ban for 10m \(rule scanner\): rule scanner$", plain.stdout, re.M
     )
