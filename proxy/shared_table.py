@@ -153,7 +153,17 @@ class WindowCounters:
                 total += amount
                 quads[base_quad + 3] = current + 1
                 quads[base_quad + 2] = int((current + self.RING) * width * 1e9)
-            return True, total, self._wait(words, counters, current, 1, width, now)
+            raw = table.memory[counters * 4 : (counters + self.RING) * 4]
+        return True, total, self._oldest_leaves(raw, current, width, now)
+
+    def _oldest_leaves(self, raw: bytes, current: int, width: float, now: float) -> float:
+        """Seconds until the oldest counted event leaves the window (on every allowed
+        request, so found with bytes operations in C rather than a Python loop)."""
+        split = 4 * ((current + 1) % self.RING)  # the ring, oldest bucket first
+        ordered = raw[split:] + raw[:split]
+        zeros = len(ordered) - len(ordered.lstrip(b"\0"))
+        oldest = current - self.BUCKETS + zeros // 4
+        return max(0.0, (oldest + self.RING) * width - now)
 
     def _wait(
         self, words: memoryview, counters: int, current: int, need: int, width: float, now: float
