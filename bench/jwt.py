@@ -14,10 +14,13 @@ l7's settings, measures four variants:
                               same public key, with the different tokens
 
 Every variant sends an Authorization header (the no-auth route too, so only
-the checking differs). The different tokens are made up front with PyJWT and
-taken in turn by bench/wrk_tokens.lua, each run starting where the last run of
-its variant stopped: a token comes back only after --tokens other requests,
-more than a worker's cache holds, so each of them pays the signature check.
+the checking differs), and both gateways count every request against a per-IP
+limit (stockade's shared-memory counters, HAProxy's stick table) set too high
+to refuse anything: the limit's cost is in every variant. The different tokens
+are made up front with PyJWT and taken in turn by bench/wrk_tokens.lua, each
+run starting where the last run of its variant stopped: a token comes back
+only after --tokens other requests, more than a worker's cache holds, so each
+of them pays the signature check.
 
 Each round runs every variant once, in a shuffled order; the README shows
 medians. CPU per request as in l7: utime + stime of the proxy's processes over
@@ -63,6 +66,7 @@ WARMUP_S = 2
 PROFILE_S = 8
 COMMAND = ".venv/bin/python -m bench.jwt"
 TOKENS_SCRIPT = BENCH_DIR / "wrk_tokens.lua"
+PER_IP_LIMIT = 100_000_000  # per minute: counted on every request, never reached
 
 STOCKADE_TOML = """\
 [proxy]
@@ -79,6 +83,12 @@ servers = ["{host}:{upstream_port}"]
 
 [proxy.pools.upstream.health]
 enabled = false
+
+# a per-IP limit on every route, as HAProxy's stick table below; high enough
+# that it never refuses here: both gateways count every request and pass it
+[proxy.rate_limiting.limits.per_ip]
+rate = "{per_ip_limit}/min"
+all_routes = true
 
 [proxy.auth.issuers.bench]
 issuer = "{issuer}"
@@ -111,6 +121,9 @@ defaults
     timeout server 30s
 frontend proxy
     bind {host}:{port}
+    stick-table type ip size 100k expire 60s store http_req_rate(60s)
+    http-request track-sc0 src
+    http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt {per_ip_limit} }}
     acl jwt_path path_beg {jwt_path}
     http-request set-var(txn.bearer) http_auth_bearer if jwt_path
     http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg') if jwt_path
@@ -235,6 +248,7 @@ def run(rounds: int, duration: int, token_count: int, profile: bool) -> dict[str
                 audience=AUDIENCE,
                 key_file=public_file,
                 jwt_path=JWT_PATH,
+                per_ip_limit=PER_IP_LIMIT,
             ),
         )
         argv = [*l7.STOCKADE, "--config", str(toml), "proxy", "run"]
@@ -252,6 +266,7 @@ def run(rounds: int, duration: int, token_count: int, profile: bool) -> dict[str
                 audience=AUDIENCE,
                 key_file=public_file,
                 jwt_path=JWT_PATH,
+                per_ip_limit=PER_IP_LIMIT,
             ),
         )
         haproxy_pid = stack.enter_context(
