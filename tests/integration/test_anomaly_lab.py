@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from controller_harness import RunningController, running_controller
@@ -31,17 +32,19 @@ GW, PORT = "198.18.0.1", 8080
 UP4 = "198.18.1.10"
 BAN_TTL = 3
 
-# Runs in the client namespace: scan from SRC (distinct 404 paths, one
-# connection each), then probe SRC's TCP connects every 5 ms until one
-# fails; print the statuses and how long after the last answer the kernel
-# started dropping.
-SCAN = """
+# Runs in the client namespace: send REQUESTS (a JSON list of [path, headers])
+# from SRC, one connection each, until one fails; then probe SRC's TCP connects every 5 ms until
+# one fails; print the statuses and how long after the last answer the kernel
+# started dropping (null: it never did within 3 s).
+BEHAVE = """
 import json, socket, sys, time
-src, gw, port, paths = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-def get(path):
+src, gw, port, requests = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+def get(path, headers):
     s = socket.create_connection((gw, port), timeout=2, source_address=(src, 0))
     try:
-        s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: t\\r\\nConnection: close\\r\\n\\r\\n".encode())
+        extra = "".join(f"{k}: {v}\\r\\n" for k, v in headers.items())
+        head = f"GET {path} HTTP/1.1\\r\\nHost: t\\r\\n{extra}Connection: close\\r\\n\\r\\n"
+        s.sendall(head.encode())
         data = b""
         while True:
             chunk = s.recv(65536)
@@ -52,11 +55,13 @@ def get(path):
     finally:
         s.close()
 statuses = []
-for i in range(paths):
+for path, headers in requests:
     try:
-        statuses.append(get(f"/scan/{time.time_ns()}/{i}"))
+        statuses.append(get(path, headers))
     except OSError:
         statuses.append(0)
+    if statuses[-1] == 0:
+        break  # closed or dropped: the rule has acted
 answered = time.monotonic()
 dropped_after = None
 deadline = answered + 3
@@ -104,7 +109,15 @@ def status(lab: Lab, src: str) -> int:
 
 
 @pytest.fixture
-def gateway(lab: Lab, tmp_path: Path) -> Iterator[tuple[RunningController, Path]]:
+def gateway(
+    lab: Lab, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[RunningController, Path]]:
+    extra_rule = getattr(request, "param", "")
+    rule_table = (
+        f'[[proxy.anomaly.rules]]\n{extra_rule}\naction = "ban"\nduration = "{BAN_TTL}s"'
+        if extra_rule
+        else ""
+    )
     with running_controller(tmp_path, lab.gateway_ns, lab.gateway_if, mode="native") as ctl:
         config = tmp_path / "proxy.toml"
         config.write_text(
@@ -123,6 +136,7 @@ action = "ban"
 duration = "{BAN_TTL}s"
 ban_factor = 2.0
 ban_max = "1m"
+{rule_table}
 [[proxy.listeners]]
 address = "{GW}"
 port = {PORT}
@@ -132,6 +146,11 @@ servers = ["{UP4}:8080"]
 enabled = false
 [[proxy.routes]]
 pool = "api"
+[[proxy.routes]]
+name = "login"
+path_prefix = "/login"
+pool = "api"
+auth = "api_key"
 """
         )
         log = tmp_path / "proxy.log"
@@ -162,10 +181,36 @@ pool = "api"
                 proxy.wait(timeout=30)
 
 
-def scan(lab: Lab, src: str) -> dict[str, object]:
-    result = in_client(lab, SCAN, src, GW, str(PORT), "9")
+def behave(lab: Lab, src: str, requests: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
+    result = in_client(lab, BEHAVE, src, GW, str(PORT), json.dumps(requests))
     assert isinstance(result, dict)
     return result
+
+
+def scan(lab: Lab, src: str) -> dict[str, Any]:
+    return behave(lab, src, [(f"/scan/{time.time_ns()}/{i}", {}) for i in range(9)])
+
+
+BAD_KEY = {"X-API-Key": "stk_nope_nope"}
+# (rule, what the client does, what it gets answered): each trips its rule and
+# nothing else; the scanner's rule is in every config (see `gateway`).
+SCENARIOS = {
+    "brute_force": (
+        'name = "brute"\nwhen = "auth_failures_same_path > 5 in 1m"',
+        [("/login", BAD_KEY)] * 6,
+        [401] * 6,
+    ),
+    "error_ratio": (
+        'name = "errors"\nwhen = "err_ratio > 0.5 with requests > 10 in 1m"',
+        [("/health", {})] * 2 + [("/nope", {})] * 9,
+        [200] * 2 + [404] * 9,
+    ),
+    "scraping": (  # the rule trips somewhere in the run (at 1500 bytes of bodies)
+        'name = "scraper"\nwhen = "bytes_out > 1500 in 1m"',
+        [("/api/hello", {})] * 100,
+        [200] * 100,
+    ),
+}
 
 
 def test_a_scanner_is_banned_in_the_kernel_and_a_repeat_offender_for_longer(
@@ -206,3 +251,29 @@ def test_an_allowlisted_scanner_is_never_banned(
     time.sleep(0.5)
     assert status(lab, C3) == 200  # not denied at L7 either
     assert "allowlisted" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("gateway", "scenario"),
+    [(rule, name) for name, (rule, _, _) in SCENARIOS.items()],
+    indirect=["gateway"],
+    ids=list(SCENARIOS),
+)
+def test_misbehaviour_ends_in_a_kernel_ban_and_spares_the_neighbour(
+    lab: Lab, gateway: tuple[RunningController, Path], scenario: str
+) -> None:
+    ctl, log = gateway
+    _, requests, answers = SCENARIOS[scenario]
+    before = ctl.counters()["drop_ban"]
+    result = behave(lab, C1, requests)
+    statuses = result["statuses"]
+    if scenario == "scraping":  # answered until the bytes added up, then cut off
+        assert statuses[-1] == 0 and 20 < len(statuses) < 100, result
+        assert set(statuses[:-1]) == {200}, result
+    else:  # the last request trips the rule
+        assert statuses == answers, result
+    assert result["dropped_after"] is not None, log.read_text()
+    assert ctl.counters()["drop_ban"] > before
+    (ban,) = ctl.api("bans")
+    assert (ban["target"], ban["source"]) == (C1, "rule")
+    assert status(lab, C2) == 200

@@ -17,6 +17,7 @@ from stockade.proxy.anomaly_settings import AnomalyConfig, AnomalyRule, parse_co
 from stockade.proxy.api_keys import generate_key
 from stockade.proxy.auth_settings import AuthConfig, RouteAuth
 from stockade.proxy.ban_client import BanPushError
+from stockade.proxy.ratelimit_settings import LimitRule, RateLimitConfig, parse_rate
 from stockade.proxy.settings import ProxyConfig
 
 
@@ -287,6 +288,35 @@ def test_counts_start_afresh_after_a_rule_acts_and_log_never_masks_deny(
                 # one penalty per source: the deny replaced the log entry, so once
                 # the deny was over "noisy" logged again
                 assert gw.anomaly.fired == {"noisy": 2, "burst": 2}
+        finally:
+            await up.stop()
+
+    run(scenario())
+
+
+def test_repeated_429s_escalate_to_a_ban(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        up = Upstream("a")
+        await up.start()
+        try:
+            hammer = rule("hammer", "rate_limited > 3 in 1m", "ban", duration=60.0)
+            config = with_rules(config_for([up], tmp_path / "log"), tmp_path, hammer)
+            route = replace(config.routes[0], rate_limits=("per_ip",))
+            config = replace(
+                config,
+                routes=(route,),
+                rate_limiting=RateLimitConfig(
+                    limits=(LimitRule("per_ip", parse_rate("2/min"), "ip"),), max_keys=4096
+                ),
+            )
+            async with gateway(config) as (url, gw), aiohttp.ClientSession() as s:
+                gw.anomaly.bans = fake = FakeController()
+                statuses = [await get(s, f"{url}/x") for _ in range(6)]
+                assert statuses == [200, 200, 429, 429, 429, 429]
+                await asyncio.sleep(0.05)
+                (call,) = fake.calls
+                assert call["rule"] == "hammer"
+                assert call["details"]["counters"] == {"rate_limited": 4.0}
         finally:
             await up.stop()
 
