@@ -100,3 +100,44 @@ def test_long_consumer_ids_are_hashed() -> None:
     assert consumer_id("short") == "short"
     long_id = consumer_id("x" * 500)
     assert long_id.startswith("sha256:") and len(long_id) < 64
+
+
+def test_the_gateways_quota_resets_at_local_midnight() -> None:
+    """Through the post-auth stage, with the wall clock injected (no day-long sleep)."""
+    from dataclasses import replace
+
+    from stockade.proxy.context import RequestContext
+    from stockade.proxy.errors import Refusal
+    from stockade.proxy.ratelimit import RateLimiter
+    from stockade.proxy.ratelimit_settings import Plan, QuotaConfig
+    from stockade.proxy.settings import ProxyConfig, Route
+    from stockade.proxy.shared_table import WindowCounters
+
+    route = Route(name="api", pool="api")
+    quotas = QuotaConfig(plans=(Plan("free", per_day=2),), timezone="Europe/Berlin")
+    config = replace(ProxyConfig(), routes=(route,), quotas=quotas)
+    wall = [_at("2026-11-24T23:59:00", BERLIN)]
+    limiter = RateLimiter(
+        config,
+        WindowCounters(1024),
+        QuotaCounters(64, BERLIN),
+        monotonic=lambda: 1000.0,
+        wall=lambda: wall[0],
+    )
+    stage = limiter.post_auth_stage()
+
+    def call() -> Refusal | None:
+        ctx = RequestContext("r", "198.18.0.10", "198.18.0.10", False, "http", route=route)
+        ctx.consumer, ctx.plan = "acme", "free"
+        try:
+            stage(None, ctx)  # type: ignore[arg-type]  # the plan path never reads the request
+        except Refusal as refusal:
+            return refusal
+        return None
+
+    assert call() is None and call() is None
+    refused = call()
+    assert refused is not None and refused.status == 429 and refused.reason == "quota:day"
+    assert refused.headers["Retry-After"] == "60"  # a minute to midnight in Berlin
+    wall[0] += 61  # 00:00:01 on the 25th, Berlin time
+    assert call() is None
