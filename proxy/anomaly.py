@@ -136,6 +136,8 @@ class AnomalyDetector:
         self.fired: Counter[str] = Counter()  # by rule, for status and metrics
         self.recent: collections.deque[Firing] = collections.deque(maxlen=RECENT)
         self.tarpitted = 0
+        self.connections_refused = 0  # closed at once: the source is denied or banned
+        self.on_action: Callable[[str, str], None] | None = None  # (rule, action): metrics
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -172,6 +174,7 @@ class AnomalyDetector:
         now = self.monotonic()
         penalty = self.penalties.get(digest(f"ip\0{peer}"), now)
         if penalty is not None and penalty[0] in (DENY, BAN):
+            self.connections_refused += 1
             return False
         if self.count_connections:
             for (kind, window), metrics in self.needed.items():
@@ -251,6 +254,8 @@ class AnomalyDetector:
         if not self.penalties.raise_to(key, code, index, until, now):
             return False  # acted on already (here or by another worker), or by a stronger rule
         self.fired[rule.name] += 1
+        if self.on_action is not None:
+            self.on_action(rule.name, rule.action)
         wall = self.wall()
         self.recent.append(
             Firing(rule.name, rule.action, subject, wall, wall + rule.duration, observed)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+
 from stockade.clock import Clock
 from stockade.proxy.access_log import AccessLog
 from stockade.proxy.anomaly import DEFAULT_RULES_SOCKET, AnomalyDetector
@@ -11,12 +15,16 @@ from stockade.proxy.context import RequestContext
 from stockade.proxy.forward import Forwarder, Upstreams
 from stockade.proxy.health import HealthChecker
 from stockade.proxy.limits import GuardedServer, LimitCounters, handler_kwargs
+from stockade.proxy.metrics import ProxyMetrics
 from stockade.proxy.pipeline import PolicyStages, pipeline
 from stockade.proxy.quota import UsageWriter
 from stockade.proxy.ratelimit import RateLimiter
 from stockade.proxy.settings import ProxyConfig
 from stockade.proxy.shared_state import SharedState
+from stockade.proxy.tls import HANDSHAKES
 from stockade.proxy.upstream import PoolState
+
+METRICS_SYNC_INTERVAL = 1.0
 
 
 class Gateway:
@@ -39,16 +47,55 @@ class Gateway:
         ban_rules = any(rule.action == "ban" for rule in config.anomaly.rules)
         socket = config.anomaly.rules_socket or DEFAULT_RULES_SOCKET
         bans = BanClient(socket) if ban_rules else None
-        self.anomaly = AnomalyDetector(config, self.shared.counters, self.shared.penalties, bans)
+        self.anomaly = AnomalyDetector(config, self.shared.behaviour, self.shared.penalties, bans)
         self.usage = (
             UsageWriter(config.quotas.database, self.shared.quotas)
             if self.shared.quotas is not None
             else None
         )
+        self.metrics = ProxyMetrics()
+        self.anomaly.on_action = lambda rule, action: self.metrics.anomaly_actions.labels(
+            rule, action
+        ).inc()
+        self.limiter.on_quota = lambda plan, period: self.metrics.quota_requests.labels(
+            plan, period
+        ).inc()
+        self._limit_counters: list[LimitCounters] = []
+        self._synced: dict[str, int] = {}
+        self._sync_task: asyncio.Task[None] | None = None
 
     def observe(self, ctx: RequestContext, method: str) -> None:
         self.access_log.write(ctx, method)
         self.anomaly.observe(ctx)
+        self.metrics.observe(ctx, method, time.monotonic() - ctx.started)
+
+    def sync_metrics(self) -> None:
+        """What is kept as plain state elsewhere, into the metrics (once a second)."""
+        m = self.metrics
+        for name, state in self.upstreams.states.items():
+            for row in state.snapshot():
+                server = str(row["address"])
+                up = bool(row["healthy"]) and not row["ejected"]
+                m.upstream_up.labels(name, server).set(1 if up else 0)
+                m.upstream_outstanding.labels(name, server).set(float(str(row["outstanding"])))
+        totals = {
+            "max_connections": sum(c.connections_refused for c in self._limit_counters),
+            "denied_source": self.anomaly.connections_refused,
+            "tls": HANDSHAKES.failures,
+        }
+        for key, total in totals.items():
+            delta = total - self._synced.get(key, 0)
+            if delta > 0:
+                if key == "tls":
+                    m.tls_handshake_failures.inc(delta)
+                else:
+                    m.connections_refused.labels(key).inc(delta)
+            self._synced[key] = total
+
+    async def _sync_forever(self) -> None:
+        while True:
+            self.sync_metrics()
+            await asyncio.sleep(METRICS_SYNC_INTERVAL)
 
     def policy(self) -> PolicyStages:
         limiter, anomaly = self.limiter, self.anomaly
@@ -70,8 +117,14 @@ class Gateway:
             self.usage.start()
         for checker in self.checkers:
             await checker.start()
+        self._sync_task = asyncio.create_task(self._sync_forever())
 
     async def close(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+            self.sync_metrics()
         for checker in self.checkers:
             await checker.stop()
         await self.upstreams.close()
@@ -89,7 +142,16 @@ class Gateway:
         handler machinery would only cost time. The scheme goes into
         X-Forwarded-Proto.
         """
-        handler = pipeline(self.config, scheme, self.observe, self.forwarder.handle, self.policy())
+        handler = pipeline(
+            self.config,
+            scheme,
+            self.observe,
+            self.forwarder.handle,
+            self.policy(),
+            self.metrics.in_flight,
+        )
+        if counters is not None and counters not in self._limit_counters:
+            self._limit_counters.append(counters)
         return GuardedServer(
             handler,
             self.config,

@@ -52,6 +52,7 @@ from aiohttp.web_response import StreamResponse
 
 from stockade.proxy.errors import error_response
 from stockade.proxy.settings import ProxyConfig
+from stockade.proxy.tls import HANDSHAKES
 
 log = logging.getLogger("stockade.proxy")
 
@@ -174,6 +175,9 @@ class GuardedRequestHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
         counters = guard.counters
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            HANDSHAKES.completed(tls)
         if counters.connections_active >= guard.max_connections:
             counters.connections_refused += 1
             self._force_close = True  # RequestHandler.data_received drops anything

@@ -60,6 +60,7 @@ def pipeline(
     observe: context_stage.Observer,
     forward: context_stage.Forward,
     policy: PolicyStages,
+    in_flight: context_stage.InFlight | None = None,
 ) -> Callable[[BaseRequest], Awaitable[StreamResponse]]:
     """The request handler for one listener: context, the checks in order, then forward."""
-    return context_stage.make(config, scheme, observe, checks(config, policy), forward)
+    return context_stage.make(config, scheme, observe, checks(config, policy), forward, in_flight)

@@ -91,6 +91,7 @@ class RateLimiter:
             self.pre[route.name] = tuple(r for r in rules if r.pre_auth)
             self.post[route.name] = tuple(r for r in rules if not r.pre_auth)
         self.plans_used = bool(config.quotas.plans)
+        self.on_quota: Callable[[str, str], None] | None = None  # (plan, period): metrics
 
     # -- one limit ------------------------------------------------------------
     def _subject(self, rule: LimitRule, request: BaseRequest, ctx: RequestContext) -> str:
@@ -189,6 +190,8 @@ class RateLimiter:
                 continue
             p = period(kind, wall, self.zone)
             allowed, _used = self.quotas.consume(who, plan.name, p, quota, wall, mono)
+            if allowed and self.on_quota is not None:
+                self.on_quota(plan.name, kind)
             if not allowed:
                 self.refused[f"quota:{kind}"] += 1
                 window = 86400.0 if kind == DAY else 30 * 86400.0

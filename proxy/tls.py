@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -176,6 +177,40 @@ class _Table:
         return found or self.default
 
 
+class HandshakeWatch:
+    """Counts TLS handshakes that began and never completed.
+
+    The SNI callback runs once a ClientHello has been read; a connection
+    that completes the handshake reaches the HTTP protocol, which reports
+    it here. A TLS object dropped before that failed its handshake (bad
+    version or cipher, no certificate the client trusts, a client that
+    went away or timed out). asyncio and uvloop only log such failures in
+    debug mode, so they are seen here, through weak references.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[int, weakref.ref[object]] = {}
+        self.failures = 0
+        self.on_failure: Callable[[], None] | None = None
+
+    def started(self, connection: object) -> None:
+        key = id(connection)
+        if key not in self.pending:
+            self.pending[key] = weakref.ref(connection, lambda _ref: self._gone(key))
+
+    def completed(self, connection: object) -> None:
+        self.pending.pop(id(connection), None)
+
+    def _gone(self, key: int) -> None:
+        if self.pending.pop(key, None) is not None:
+            self.failures += 1
+            if self.on_failure is not None:
+                self.on_failure()
+
+
+HANDSHAKES = HandshakeWatch()  # per process: each worker counts its own
+
+
 class ServerTls:
     """The TLS side of one HTTPS listener."""
 
@@ -195,6 +230,7 @@ class ServerTls:
     def _select(
         self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: object
     ) -> None:
+        HANDSHAKES.started(connection)
         connection.context = self._table.lookup(server_name).context
 
     def reload(self) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import grp
 import logging
 import os
+import platform
 import pwd
 import signal
 import socket
@@ -23,21 +24,25 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client.multiprocess import mark_process_dead
 
+from stockade import __version__
 from stockade.clock import SystemClock
 from stockade.config import Config
+from stockade.proxy.admin import ADMIN_FILE, AdminError, AdminServer
 from stockade.proxy.anomaly import UserAgentListError, load_user_agents
 from stockade.proxy.api_keys import ApiKeyError
 from stockade.proxy.app import Gateway
 from stockade.proxy.auth_setup import AuthSetupError, api_key_entries, issuer_configs
 from stockade.proxy.context import reset_request_ids
 from stockade.proxy.limits import GuardedAppRunner, LimitCounters, handler_kwargs
+from stockade.proxy.metrics import check_writable, enable_multiprocess, record_build_info
 from stockade.proxy.parser_check import require_c_parser
 from stockade.proxy.rate_maps import RateMap, RateMapError
 from stockade.proxy.redirect import redirect_app
 from stockade.proxy.settings import Listener, ProxyConfig
 from stockade.proxy.shared_state import SharedState
-from stockade.proxy.status import StatusPublisher, clear, worker_file
+from stockade.proxy.status import StatusPublisher, clear, worker_file, write_atomically
 from stockade.proxy.tls import ServerTls, TlsConfigError
 
 log = logging.getLogger("stockade.proxy")
@@ -208,6 +213,8 @@ def _worker_main(config: ProxyConfig, slot: WorkerSlot, shared: SharedState) -> 
     code = 0
     try:
         drop_privileges(config.user, config.group)
+        if config.admin.enabled:
+            check_writable(config.metrics_dir)
         with _loop_runner() as runner:
             runner.run(_serve(config, slot.index, slot.sockets, shared))
     except ProxyStartupError as exc:
@@ -226,6 +233,7 @@ class Master:
         self.slots: list[WorkerSlot] = []
         self.stopping = False
         self.shared: SharedState | None = None
+        self.admin: AdminServer | None = None
 
     def start(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
@@ -243,12 +251,19 @@ class Master:
             raise ProxyStartupError(str(exc)) from None
         self.config.status_dir.mkdir(parents=True, exist_ok=True)
         clear(self.config.status_dir)
+        if self.config.admin.enabled:  # else metrics stay in each worker's memory
+            enable_multiprocess(self.config.metrics_dir)  # before any metric exists
+            record_build_info(__version__, platform.python_version())
         if self.config.user is not None:
-            # workers write their status files after dropping privileges; a
-            # missing user is reported by the worker that tries to become it
+            # workers write their status and metric files after dropping
+            # privileges; a missing user is reported by the worker that tries
+            # to become it
             with contextlib.suppress(KeyError):
                 entry = pwd.getpwnam(self.config.user)
                 os.chown(self.config.status_dir, entry.pw_uid, entry.pw_gid)
+                if self.config.admin.enabled:
+                    os.chown(self.config.metrics_dir, entry.pw_uid, entry.pw_gid)
+        self._start_admin()
         try:  # before forking: every worker must map the same tables
             self.shared = SharedState.create(self.config)
         except (OSError, sqlite3.Error) as exc:
@@ -261,6 +276,21 @@ class Master:
             self._spawn(slot)
         names = ", ".join(listener.name for listener in self.config.listeners)
         log.info("proxy serving %s with %d workers", names, count)
+
+    def _start_admin(self) -> None:
+        admin = self.config.admin
+        if not admin.enabled:
+            return
+        try:
+            self.admin = AdminServer(admin, self.config.metrics_dir)
+        except AdminError as exc:
+            raise ProxyStartupError(str(exc)) from None
+        self.admin.start()
+        # where it listens (with port = 0, the kernel chose): for `stockade top`
+        write_atomically(
+            self.config.status_dir / ADMIN_FILE,
+            {"address": admin.address, "port": self.admin.port, "pid": os.getpid()},
+        )
 
     def _spawn(self, slot: WorkerSlot) -> None:
         assert self.shared is not None
@@ -297,6 +327,7 @@ class Master:
 
     def _reap(self, pid: int, status: int) -> None:
         slot = next((s for s in self.slots if s.pid == pid), None)
+        mark_process_dead(pid, str(self.config.metrics_dir))  # type: ignore[no-untyped-call]
         if slot is None or self.stopping:
             return
         code = os.waitstatus_to_exitcode(status)
@@ -340,6 +371,10 @@ class Master:
         for slot in self.slots:
             for _, sock in slot.sockets:
                 sock.close()
+        if self.admin is not None:
+            self.admin.stop()
+            with contextlib.suppress(FileNotFoundError):
+                (self.config.status_dir / ADMIN_FILE).unlink()
         log.info("proxy stopped")
         return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
@@ -28,15 +29,33 @@ Observer = Callable[[RequestContext, str], None]
 Forward = Callable[[BaseRequest, RequestContext], Awaitable[StreamResponse]]
 
 
+class InFlight(Protocol):
+    """A gauge of the requests being handled (prometheus-client's Gauge fits)."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+    def dec(self, amount: float = 1) -> None: ...
+
+
+class _NoGauge:
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+
 def make(
     config: ProxyConfig,
     scheme: str,
     observe: Observer,
     checks: Sequence[Stage],
     forward: Forward,
+    in_flight: InFlight | None = None,
 ) -> Callable[[BaseRequest], Awaitable[StreamResponse]]:
     """The whole pipeline for one listener, as aiohttp's low-level request handler."""
     trusted = config.trusted_proxies
+    gauge = in_flight if in_flight is not None else _NoGauge()
 
     async def handle(request: BaseRequest) -> StreamResponse:
         peer = request.remote or "-"
@@ -51,6 +70,7 @@ def make(
             scheme=scheme,
         )
         response: StreamResponse
+        gauge.inc()
         try:
             for check in checks:
                 waiting = check(request, ctx)
@@ -75,6 +95,7 @@ def make(
             ctx.decision, ctx.reason = "internal", "internal_error"
             response = error_response(500, "internal_error", "internal error", ctx.request_id)
         finally:
+            gauge.dec()
             ctx.path = ctx.path or request.raw_path.split("?", 1)[0][:256]
         ctx.status = response.status
         observe(ctx, request.method)

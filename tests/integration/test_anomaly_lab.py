@@ -125,6 +125,7 @@ def gateway(
 [controller]
 socket = "{ctl.socket}"
 [proxy]
+metrics_dir = "{tmp_path / 'metrics'}"
 workers = 2
 status_dir = "{tmp_path / "status"}"
 [proxy.anomaly]
@@ -137,6 +138,8 @@ duration = "{BAN_TTL}s"
 ban_factor = 2.0
 ban_max = "1m"
 {rule_table}
+[proxy.admin]
+port = 0
 [[proxy.listeners]]
 address = "{GW}"
 port = {PORT}

@@ -78,7 +78,10 @@ def https_proxy(
     config.write_text(
         f"""
 [proxy]
+metrics_dir = "{tmp_path / 'metrics'}"
 workers = 1
+[proxy.admin]
+port = 0
 [[proxy.listeners]]
 address = "198.18.0.1"
 port = {PORT}

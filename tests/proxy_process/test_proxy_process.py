@@ -28,10 +28,13 @@ def config(port: int, upstream: int, workers: int = 2, extra: str = "", listener
 [controller]
 socket = "/nonexistent/stockade-test/control.sock"
 [proxy]
+metrics_dir = "{{status_dir}}/metrics"
 workers = {workers}
 drain_timeout = "10s"
 status_dir = "{{status_dir}}"
 {extra}
+[proxy.admin]
+port = 0
 [[proxy.listeners]]
 address = "127.0.0.1"
 port = {port}

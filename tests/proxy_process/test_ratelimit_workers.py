@@ -27,10 +27,13 @@ def proxy_config(port: int, upstream: int, workers: int, extra: str, route: str)
 [controller]
 socket = "/nonexistent/stockade-test/control.sock"
 [proxy]
+metrics_dir = "{{status_dir}}/metrics"
 workers = {workers}
 drain_timeout = "5s"
 status_dir = "{{status_dir}}"
 {extra}
+[proxy.admin]
+port = 0
 [[proxy.listeners]]
 address = "127.0.0.1"
 port = {port}
