@@ -71,8 +71,14 @@ PER_IP_LIMIT = 100_000_000  # per minute: counted on every request, never reache
 STOCKADE_TOML = """\
 [proxy]
 workers = {workers}
+status_dir = "{state}/status"
+metrics_dir = "{state}/metrics"
 access_log = "/dev/null"
 drain_timeout = "5s"
+
+# metrics are counted as in production; served on a free port
+[proxy.admin]
+port = 0
 
 [[proxy.listeners]]
 address = "{host}"
@@ -243,6 +249,7 @@ def run(rounds: int, duration: int, token_count: int, profile: bool) -> dict[str
                 workers=workers,
                 host=HOST,
                 port=stockade_port,
+                state=tmp / "state",
                 upstream_port=upstream_port,
                 issuer=ISSUER,
                 audience=AUDIENCE,

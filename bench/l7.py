@@ -104,8 +104,14 @@ backend upstream
 STOCKADE_TOML = """\
 [proxy]
 workers = {workers}
+status_dir = "{state}/status"
+metrics_dir = "{state}/metrics"
 access_log = "/dev/null"
 drain_timeout = "5s"
+
+# metrics are counted as in production; served on a free port
+[proxy.admin]
+port = 0
 
 [[proxy.listeners]]
 address = "{host}"
@@ -450,7 +456,11 @@ def run(rounds: int, duration: int, profile: bool) -> dict[str, Any]:
             toml = config(
                 f"stockade-{count}.toml",
                 STOCKADE_TOML.format(
-                    workers=count, host=HOST, port=ports[name], upstream_port=upstream_port
+                    workers=count,
+                    host=HOST,
+                    port=ports[name],
+                    upstream_port=upstream_port,
+                    state=tmp / f"state-{count}",
                 ),
             )
             argv = [*STOCKADE, "--config", str(toml), "proxy", "run"]
