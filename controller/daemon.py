@@ -9,6 +9,7 @@ Exit never detaches: the kernel keeps enforcing while we are away.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import errno
 import fcntl
@@ -16,6 +17,7 @@ import grp
 import ipaddress
 import logging
 import os
+import platform
 import pwd
 import signal
 import socket
@@ -29,10 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Gauge
+
 from stockade import __version__
+from stockade.admin_http import AdminError, AdminServer
 from stockade.clock import Clock, SystemClock
 from stockade.config import Config
-from stockade.controller import layout, loader, xdp_attach
+from stockade.controller import layout, loader, metrics, xdp_attach
 from stockade.controller.maps import BpfMaps, RuntimeSettings
 from stockade.controller.service import BanService
 from stockade.controller.store import BanStore
@@ -53,6 +58,7 @@ CLIENT_IDLE_TIMEOUT = 30.0
 EVENT_POLL_INTERVAL = 0.2
 RECENT_EVENTS = 100
 EVENT_LOGS_PER_SECOND = 10
+SCRAPE_TIMEOUT = 5.0  # a scrape waits this long for the worker thread
 
 
 class StartupError(RuntimeError):
@@ -172,6 +178,7 @@ class Controller:
         self.service: BanService | None = None
         self._stop = asyncio.Event()
         self._rules_gid: int | None = None
+        self.admin: AdminServer | None = None
         # Every command and sweep runs on this one thread: map and store
         # writes never interleave, and the event loop stays free (pyroute2's
         # sync API runs an event loop of its own, which needs another thread).
@@ -322,9 +329,9 @@ class Controller:
             "events": {"syn_rate": self.state.syn_events, "lost": self.maps.events_lost()},
         }
 
-    def status(self) -> dict[str, Any]:
-        assert self.program is not None and self.store is not None and self.maps is not None
-        interfaces = []
+    def _interfaces(self) -> list[dict[str, Any]]:
+        assert self.program is not None
+        interfaces: list[dict[str, Any]] = []
         for ifname in self.config.xdp.interfaces:
             try:
                 st = xdp_attach.query(ifname)
@@ -338,6 +345,11 @@ class Controller:
                 )
             except xdp_attach.AttachError as exc:
                 interfaces.append({"name": ifname, "error": str(exc)})
+        return interfaces
+
+    def status(self) -> dict[str, Any]:
+        assert self.program is not None and self.store is not None and self.maps is not None
+        interfaces = self._interfaces()
         now = self.clock.wall()
         bans = [b for b in self.store.bans() if b.active(now)]
         s = self.maps.settings
@@ -352,6 +364,9 @@ class Controller:
                 "layout_version": layout.layout_version(),
             },
             "interfaces": interfaces,
+            "metrics": None
+            if self.admin is None
+            else {"address": self.config.controller.admin.address, "port": self.admin.port},
             "bans": {
                 "total": len(bans),
                 "exact": sum(1 for b in bans if is_exact(b.target)),
@@ -497,8 +512,11 @@ class Controller:
                 asyncio.create_task(self._sweeper()),
                 asyncio.create_task(self._event_poller()),
             ]
+            self._start_metrics()
             await self._stop.wait()
         finally:
+            if self.admin is not None:
+                self.admin.stop()
             for server in servers:
                 server.close()
                 await server.wait_closed()
@@ -508,6 +526,52 @@ class Controller:
                 with suppress(FileNotFoundError):
                     listener.path.unlink()
             log.info("stopped; the XDP program stays attached and keeps enforcing")
+
+    def _start_metrics(self) -> None:
+        config = self.config.controller.admin
+        if not config.enabled:
+            return
+        build = CollectorRegistry()
+        Gauge(
+            "stockade_build_info",
+            "Always 1; the labels say which stockade is running.",
+            ["version", "python", "component"],
+            registry=build,
+        ).labels(__version__, platform.python_version(), "controller").set(1)
+
+        def scrape() -> bytes:
+            # on the worker thread, which owns the maps and the store
+            snapshot = self._worker.submit(self.metrics_snapshot).result(timeout=SCRAPE_TIMEOUT)
+            return metrics.render(lambda: snapshot, build)
+
+        try:
+            self.admin = AdminServer(config, scrape)
+        except AdminError as exc:
+            raise StartupError(str(exc)) from None
+        self.admin.start()
+
+    def metrics_snapshot(self) -> metrics.Snapshot:
+        assert self.service is not None and self.maps is not None and self.store is not None
+        now = self.clock.wall()
+        bans: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        for ban in self.store.bans():
+            if ban.active(now):
+                kind = "exact" if is_exact(ban.target) else "prefix"
+                bans[(ban.source, kind, f"ipv{ban.target.version}")] += 1
+        interfaces = []
+        for row in self._interfaces():
+            if "error" not in row:
+                interfaces.append((str(row["name"]), str(row["mode"]), bool(row["ours"])))
+        return metrics.Snapshot(
+            counters=self.maps.counters(),
+            bans=dict(bans),
+            allows=len(self.maps.allows()),
+            events=dict(self.service.events),
+            syn_events=self.state.syn_events,
+            events_lost=self.maps.events_lost(),
+            monitor=self.maps.settings.monitor,
+            interfaces=interfaces,
+        )
 
     def stop(self) -> None:
         self._stop.set()

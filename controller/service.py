@@ -7,6 +7,7 @@ truth: `reconcile` makes the maps match it, and runs at start.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -146,6 +147,8 @@ class BanService:
         self.maps = maps
         self.clock = clock
         self.management = tuple(management_networks)
+        # (action, source) -> count since start, for metrics: bans set, lifted, expired
+        self.events: collections.Counter[tuple[str, str]] = collections.Counter()
         self.history_retention = history_retention
 
     # -- projection ---------------------------------------------------------
@@ -218,6 +221,7 @@ class BanService:
             with self.store.transaction():
                 self.store.delete_ban(ban.target)
                 self.store.add_event(BanEvent.of_ban(ban, "expire", ban.expires))
+            self.events[("expire", ban.source)] += 1
             self.maps.delete_ban(ban.target)
             log.info("ban on %s expired", format_target(ban.target))
         pruned = self.store.prune_events(now - self.history_retention)
@@ -297,6 +301,7 @@ class BanService:
         except sqlite3.Error as exc:
             self._restore_map(net, previous)
             raise CommandError(RUNTIME, f"ban store error: {exc}", "check disk space") from None
+        self.events[("ban", ban.source)] += 1
         return "updated" if previous is not None and previous.active(ban.created) else "added"
 
     def rule_ban(
@@ -406,6 +411,7 @@ class BanService:
             raise CommandError(
                 NOT_FOUND, f"{format_target(net)} is not banned", "list bans with `stockade bans`"
             )
+        self.events[("unban", previous.source if previous is not None else "cli")] += 1
         log.info("unban %s", format_target(net))
         return {"target": format_target(net), "status": "removed"}
 

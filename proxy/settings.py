@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stockade.admin_http import AdminConfig, parse_admin
 from stockade.config_fields import ConfigError, Section
 from stockade.proxy.anomaly_settings import AnomalyConfig, parse_anomaly
 from stockade.proxy.auth_settings import AuthConfig, RouteAuth, parse_auth, parse_route_auth
@@ -126,18 +127,6 @@ class Route:
     allow_encoded_dots: bool = False  # %2E segments such as %2e%2e
     auth: RouteAuth = field(default_factory=RouteAuth)
     rate_limits: tuple[str, ...] = ()  # names in [proxy.rate_limiting.limits]
-
-
-@dataclass(frozen=True)
-class AdminConfig:
-    """The metrics listener, apart from the public ports."""
-
-    enabled: bool = True
-    address: str = "127.0.0.1"
-    port: int = 9460  # 0: any free port (written to status_dir/admin.json)
-    bearer_token_file: Path | None = None
-    basic_auth_user: str | None = None
-    basic_auth_password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -296,42 +285,12 @@ def _pool(name: str, section: Section) -> Pool:
     return pool
 
 
-def _admin(section: Section) -> AdminConfig:
-    d = AdminConfig()
-    address = section.get("address", str, d.address)
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        raise ConfigError(f"{section.key('address')}: {address!r} is not an IP address") from None
-    port = section.integer("port", d.port, 0, 65535)
-    user = section.get("basic_auth_user", str, "") or None
-    password = (
-        section.path("basic_auth_password_file", Path())
-        if "basic_auth_password_file" in section.table
-        else None
-    )
-    if (user is None) != (password is None):
-        raise ConfigError(
-            f"{section.name}: basic_auth_user and basic_auth_password_file go together"
-        )
-    if user is not None and (":" in user or not user.isprintable()):
-        raise ConfigError(f"{section.key('basic_auth_user')}: no ':' or control characters")
-    config = AdminConfig(
-        enabled=section.get("enabled", bool, d.enabled),
-        address=address,
-        port=port,
-        bearer_token_file=section.path("bearer_token_file", Path())
-        if "bearer_token_file" in section.table
-        else None,
-        basic_auth_user=user,
-        basic_auth_password_file=password,
-    )
-    section.finish()
-    return config
-
-
 def _route(
-    index: int, section: Section, pools: set[str], auth: AuthConfig, limits: RateLimitConfig
+    index: int,
+    section: Section,
+    pools: set[str],
+    auth: AuthConfig,
+    limits: RateLimitConfig,
 ) -> Route:
     pool = section.get("pool", str, "")
     if pool not in pools:
@@ -414,7 +373,7 @@ def parse_proxy(section: Section) -> ProxyConfig:
         rate_limiting=rate_limiting,
         quotas=parse_quotas(section.subsection("quotas")),
         anomaly=parse_anomaly(section.subsection("anomaly")),
-        admin=_admin(section.subsection("admin")),
+        admin=parse_admin(section.subsection("admin"), AdminConfig()),
         metrics_dir=section.path("metrics_dir", d.metrics_dir),
     )
     section.finish()

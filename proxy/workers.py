@@ -27,9 +27,10 @@ from aiohttp import web
 from prometheus_client.multiprocess import mark_process_dead
 
 from stockade import __version__
+from stockade.admin_http import AdminError, AdminServer
 from stockade.clock import SystemClock
 from stockade.config import Config
-from stockade.proxy.admin import ADMIN_FILE, AdminError, AdminServer
+from stockade.proxy.admin import ADMIN_FILE, render_workers
 from stockade.proxy.anomaly import UserAgentListError, load_user_agents
 from stockade.proxy.api_keys import ApiKeyError
 from stockade.proxy.app import Gateway
@@ -282,7 +283,8 @@ class Master:
         if not admin.enabled:
             return
         try:
-            self.admin = AdminServer(admin, self.config.metrics_dir)
+            directory = self.config.metrics_dir
+            self.admin = AdminServer(admin, lambda: render_workers(directory))
         except AdminError as exc:
             raise ProxyStartupError(str(exc)) from None
         self.admin.start()

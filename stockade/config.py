@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stockade.admin_http import AdminConfig, parse_admin
 from stockade.config_fields import ConfigError, Section
 from stockade.proxy.settings import ProxyConfig, parse_proxy
 
@@ -23,6 +24,7 @@ __all__ = ["Config", "ConfigError", "ControllerConfig", "XdpConfig", "load_confi
 from stockade.targets import Network
 
 DEFAULT_PATH = Path("/etc/stockade/stockade.toml")
+CONTROLLER_METRICS_PORT = 9461  # the proxy's admin listener defaults to 9460
 ENV_PATH = "STOCKADE_CONFIG"
 XDP_MODES = ("auto", "native", "generic")
 _IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
@@ -46,6 +48,8 @@ class ControllerConfig:
     rules_group: str | None = None
     # Ban events older than this are forgotten (escalation cannot look further back).
     history_retention: float = 30 * 86400.0
+    # Prometheus metrics of the kernel side and the bans (the proxy has its own).
+    admin: AdminConfig = field(default_factory=lambda: AdminConfig(port=CONTROLLER_METRICS_PORT))
 
     @property
     def ban_db(self) -> Path:
@@ -116,6 +120,7 @@ def _controller(section: Section) -> ControllerConfig:
         rules_socket=rules_socket,
         rules_group=rules_group,
         history_retention=retention,
+        admin=parse_admin(section.subsection("admin"), AdminConfig(port=CONTROLLER_METRICS_PORT)),
     )
     section.finish()
     return config

@@ -72,6 +72,9 @@ pin_root = "{pin_root}"
 sweep_interval = "1s"
 {controller_extra}
 
+[controller.admin]
+port = 0
+
 [xdp]
 interfaces = []
 management_networks = ["{MANAGEMENT}"]

@@ -203,12 +203,14 @@ def test_status_json(ctl: Controller) -> None:
         "monitor",
         "program",
         "interfaces",
+        "metrics",
         "bans",
         "allows",
         "syn_rate",
         "proxy",
     }
     assert status["proxy"] == {"workers": []}  # no proxy runs in these tests
+    assert status["metrics"]["address"] == "127.0.0.1" and status["metrics"]["port"] > 0
     assert status["version"] == __version__
     assert status["pid"] == ctl.pid
     assert status["monitor"] is False

@@ -60,6 +60,8 @@ def write_config(
         f'pin_root = "{pin_root}"',
         f'netns = "{netns}"',
         'sweep_interval = "1s"',
+        "[controller.admin]",
+        "port = 0",  # metrics on a free port: tests may run controllers side by side
         "[xdp]",
         f'interfaces = ["{ifname}"]',
         "max_bans_v4 = 4096",

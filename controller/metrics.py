@@ -1,0 +1,109 @@
+"""The controller's Prometheus metrics: the kernel's counters and the bans, read at scrape time.
+
+Nothing is counted twice: the XDP program's per-CPU counters are summed
+when Prometheus asks, the active bans are read from the store, and only
+what exists nowhere else (ban events since start, SYN-rate events) is
+kept in memory. All of it is read on the controller's one worker thread,
+which owns the maps and the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from stockade.controller.maps import Hits
+
+# What each reason does to the packet (in monitor mode nothing is dropped;
+# stockade_xdp_monitor_mode says so).
+VERDICTS = {"drop_ban": "drop", "drop_rate": "drop"}
+
+
+@dataclass
+class Snapshot:
+    counters: dict[str, Hits]
+    bans: dict[tuple[str, str, str], int]  # (source, kind, family) -> active bans
+    allows: int
+    events: dict[tuple[str, str], int]  # (action, source) -> since start
+    syn_events: int
+    events_lost: int
+    monitor: bool
+    interfaces: list[tuple[str, str, bool]] = field(default_factory=list)  # name, mode, ours
+
+
+class ControllerCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.snapshot()
+        packets = CounterMetricFamily(
+            "stockade_xdp_packets",
+            "Packets the XDP program saw, by reason and verdict (all interfaces).",
+            labels=["reason", "verdict"],
+        )
+        octets = CounterMetricFamily(
+            "stockade_xdp_bytes",
+            "Bytes the XDP program saw, by reason and verdict (all interfaces).",
+            labels=["reason", "verdict"],
+        )
+        for reason, hits in sorted(s.counters.items()):
+            verdict = VERDICTS.get(reason, "pass")
+            packets.add_metric([reason, verdict], hits.packets)
+            octets.add_metric([reason, verdict], hits.bytes)
+        yield packets
+        yield octets
+        bans = GaugeMetricFamily(
+            "stockade_bans_active",
+            "Bans in force, by who set them (cli, rule, proxy, cluster), kind and family.",
+            labels=["source", "kind", "family"],
+        )
+        for (source, kind, family), count in sorted(s.bans.items()):
+            bans.add_metric([source, kind, family], count)
+        yield bans
+        yield GaugeMetricFamily(
+            "stockade_allowlist_entries", "Allowlist entries in the kernel.", value=s.allows
+        )
+        events = CounterMetricFamily(
+            "stockade_ban_events",
+            "Bans set, lifted and expired since the controller started, by who set them.",
+            labels=["action", "source"],
+        )
+        for (action, source), count in sorted(s.events.items()):
+            events.add_metric([action, source], count)
+        yield events
+        yield CounterMetricFamily(
+            "stockade_syn_rate_events",
+            "Sources reported by the kernel for going over the SYN rate (at most one a second "
+            "each).",
+            value=s.syn_events,
+        )
+        yield CounterMetricFamily(
+            "stockade_ringbuf_events_lost",
+            "Events the kernel could not put on the ring buffer (it was full).",
+            value=s.events_lost,
+        )
+        yield GaugeMetricFamily(
+            "stockade_xdp_monitor_mode",
+            "1 when the program only counts (monitor mode), 0 when it enforces.",
+            value=1 if s.monitor else 0,
+        )
+        attached = GaugeMetricFamily(
+            "stockade_xdp_attached",
+            "1 when our program is attached to the interface, by interface and mode.",
+            labels=["interface", "mode"],
+        )
+        for name, mode, ours in s.interfaces:
+            attached.add_metric([name, mode], 1 if ours else 0)
+        yield attached
+
+
+def render(snapshot: Callable[[], Snapshot], extra: CollectorRegistry | None = None) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(ControllerCollector(snapshot))
+    text = generate_latest(registry)
+    return text + (generate_latest(extra) if extra is not None else b"")
