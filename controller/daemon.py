@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import grp
@@ -36,7 +37,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from stockade import __version__
 from stockade.admin_http import AdminError, AdminServer
 from stockade.clock import Clock, SystemClock
-from stockade.config import Config
+from stockade.config import Config, ConfigError, load_config
 from stockade.controller import layout, loader, metrics, xdp_attach
 from stockade.controller.maps import BpfMaps, RuntimeSettings
 from stockade.controller.service import BanService
@@ -58,7 +59,14 @@ CLIENT_IDLE_TIMEOUT = 30.0
 EVENT_POLL_INTERVAL = 0.2
 RECENT_EVENTS = 100
 EVENT_LOGS_PER_SECOND = 10
-SCRAPE_TIMEOUT = 5.0  # a scrape waits this long for the worker thread
+SCRAPE_TIMEOUT = 5.0
+MAP_SIZE_KEYS = (
+    "max_bans_v4",
+    "max_bans_v6",
+    "max_prefix_bans",
+    "max_allow",
+    "max_rate_sources",
+)  # a scrape waits this long for the worker thread
 
 
 class StartupError(RuntimeError):
@@ -302,6 +310,7 @@ class Controller:
             "allow.list": lambda a: self._service().allow_list(),
             "stats": lambda a: self.stats(),
             "status": lambda a: self.status(),
+            "reload": lambda a: self.reload(),
         }
 
     def dispatch(self, line: bytes, commands: frozenset[str] | None = None) -> dict[str, Any]:
@@ -497,6 +506,7 @@ class Controller:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         tasks: list[asyncio.Task[None]] = []
         try:
             for listener in listeners:
@@ -526,6 +536,98 @@ class Controller:
                 with suppress(FileNotFoundError):
                     listener.path.unlink()
             log.info("stopped; the XDP program stays attached and keeps enforcing")
+
+    # -- reload (SIGHUP, `stockade reload`) -------------------------------------
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply what can change while running.
+
+        Runtime settings (SYN rate, monitor mode), management networks,
+        interfaces (attach to new ones, detach ours from removed ones), the
+        sweep interval, log level and history retention apply at once. Map
+        sizes, sockets, the state and pin directories, the namespace and the
+        metrics listener are read at start only: they are reported as
+        needing a restart and keep their running values. A config that does
+        not load changes nothing.
+        """
+        assert self.service is not None and self.maps is not None and self.program is not None
+        old = self.config
+        try:
+            new = load_config(old.path) if old.path is not None else old
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            raise CommandError(
+                BAD_INPUT, f"reload refused: {exc}", "fix the file and retry"
+            ) from None
+        restart = [
+            key
+            for key, changed in (
+                ("xdp map sizes", program_settings(new) != program_settings(old)),
+                ("controller.socket", new.controller.socket != old.controller.socket),
+                (
+                    "controller.rules_socket",
+                    new.controller.rules_socket != old.controller.rules_socket,
+                ),
+                (
+                    "controller.rules_group",
+                    new.controller.rules_group != old.controller.rules_group,
+                ),
+                ("controller.state_dir", new.controller.state_dir != old.controller.state_dir),
+                ("controller.netns", new.controller.netns != old.controller.netns),
+                ("controller.admin", new.controller.admin != old.controller.admin),
+                ("xdp.mode", new.xdp.mode != old.xdp.mode),
+            )
+            if changed
+        ]
+        attached, detached = [], []
+        for ifname in new.xdp.interfaces:
+            if ifname not in old.xdp.interfaces:
+                try:
+                    state = xdp_attach.attach(ifname, self.program.fd, self.mode)
+                except xdp_attach.AttachError as exc:
+                    log.error("reload refused, the running config stays: %s", exc)
+                    raise CommandError(RUNTIME, f"reload refused: {exc}") from None
+                attached.append(f"{ifname} ({state.mode})")
+        for ifname in old.xdp.interfaces:
+            if ifname not in new.xdp.interfaces:
+                try:
+                    if xdp_attach.query(ifname).prog_id == self.program.prog_id:
+                        xdp_attach.detach(ifname)
+                        detached.append(ifname)
+                except xdp_attach.AttachError as exc:
+                    log.warning("reload: could not detach from %s: %s", ifname, exc)
+        self.maps.apply_settings(runtime_settings(new, self.dry_run))
+        self.service.management = tuple(new.xdp.management_networks)
+        self.service.history_retention = new.controller.history_retention
+        self.service.reconcile()
+        logging.getLogger("stockade").setLevel(new.controller.log_level.upper())
+        # what needs a restart keeps its running value
+        controller = dataclasses.replace(
+            new.controller,
+            socket=old.controller.socket,
+            rules_socket=old.controller.rules_socket,
+            rules_group=old.controller.rules_group,
+            state_dir=old.controller.state_dir,
+            pin_root=old.controller.pin_root,
+            netns=old.controller.netns,
+            admin=old.controller.admin,
+        )
+        sizes = {k: getattr(old.xdp, k) for k in MAP_SIZE_KEYS}
+        self.config = dataclasses.replace(
+            new, controller=controller, xdp=dataclasses.replace(new.xdp, mode=old.xdp.mode, **sizes)
+        )
+        log.info(
+            "config reloaded from %s%s%s%s",
+            old.path,
+            f"; attached to {', '.join(attached)}" if attached else "",
+            f"; detached from {', '.join(detached)}" if detached else "",
+            f"; needs a restart to change: {', '.join(restart)}" if restart else "",
+        )
+        return {
+            "status": "reloaded",
+            "attached": attached,
+            "detached": detached,
+            "needs_restart": restart,
+        }
 
     def _start_metrics(self) -> None:
         config = self.config.controller.admin
@@ -572,6 +674,17 @@ class Controller:
             monitor=self.maps.settings.monitor,
             interfaces=interfaces,
         )
+
+    def _reload_on_signal(self) -> None:
+        def run() -> None:
+            try:
+                self.reload()
+            except CommandError:
+                pass  # logged by reload; the running config stays
+            except Exception:
+                log.exception("reload failed; the running config stays")
+
+        self._worker.submit(run)
 
     def stop(self) -> None:
         self._stop.set()

@@ -21,6 +21,7 @@ from stockade.proxy.quota import UsageWriter
 from stockade.proxy.ratelimit import RateLimiter
 from stockade.proxy.settings import ProxyConfig
 from stockade.proxy.shared_state import SharedState
+from stockade.proxy.stages.context import Draining
 from stockade.proxy.tls import HANDSHAKES
 from stockade.proxy.upstream import PoolState
 
@@ -54,6 +55,7 @@ class Gateway:
             else None
         )
         self.metrics = ProxyMetrics()
+        self.draining = Draining()  # set when the worker stops: answers close connections
         self.anomaly.on_action = lambda rule, action: self.metrics.anomaly_actions.labels(
             rule, action
         ).inc()
@@ -149,6 +151,7 @@ class Gateway:
             self.forwarder.handle,
             self.policy(),
             self.metrics.in_flight,
+            self.draining,
         )
         if counters is not None and counters not in self._limit_counters:
             self._limit_counters.append(counters)

@@ -61,6 +61,9 @@ def pipeline(
     forward: context_stage.Forward,
     policy: PolicyStages,
     in_flight: context_stage.InFlight | None = None,
+    draining: context_stage.Draining | None = None,
 ) -> Callable[[BaseRequest], Awaitable[StreamResponse]]:
     """The request handler for one listener: context, the checks in order, then forward."""
-    return context_stage.make(config, scheme, observe, checks(config, policy), forward, in_flight)
+    return context_stage.make(
+        config, scheme, observe, checks(config, policy), forward, in_flight, draining
+    )

@@ -22,6 +22,8 @@ from stockade.proxy.limits import LimitCounters
 from stockade.proxy.upstream import PoolState
 
 INTERVAL = 1.0
+MASTER_FILE = "master.json"  # the master's pid, for `stockade reload`
+RELOAD_FILE = "reload.json"  # how the master's last reload went
 log = logging.getLogger("stockade.proxy")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import logging
 import os
@@ -29,7 +30,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from stockade import __version__
 from stockade.admin_http import AdminError, AdminServer
 from stockade.clock import SystemClock
-from stockade.config import Config
+from stockade.config import Config, ConfigError, load_config
 from stockade.proxy.admin import ADMIN_FILE, render_workers
 from stockade.proxy.anomaly import UserAgentListError, load_user_agents
 from stockade.proxy.api_keys import ApiKeyError
@@ -42,8 +43,15 @@ from stockade.proxy.parser_check import require_c_parser
 from stockade.proxy.rate_maps import RateMap, RateMapError
 from stockade.proxy.redirect import redirect_app
 from stockade.proxy.settings import Listener, ProxyConfig
-from stockade.proxy.shared_state import SharedState
-from stockade.proxy.status import StatusPublisher, clear, worker_file, write_atomically
+from stockade.proxy.shared_state import SharedState, quotas_used
+from stockade.proxy.status import (
+    MASTER_FILE,
+    RELOAD_FILE,
+    StatusPublisher,
+    clear,
+    worker_file,
+    write_atomically,
+)
 from stockade.proxy.tls import ServerTls, TlsConfigError
 
 log = logging.getLogger("stockade.proxy")
@@ -51,6 +59,7 @@ log = logging.getLogger("stockade.proxy")
 RESTART_BACKOFF_MAX = 5.0
 EXIT_CANNOT_START = 3  # a worker that cannot start stops the proxy instead of looping
 MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+DRAIN_GRACE = 5.0  # keep-alive clients get this long to send their next request
 STOP_GRACE = 5.0  # on top of drain_timeout before a worker is killed
 
 
@@ -100,6 +109,17 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(entry.pw_uid)
+
+
+def _table_sizes(config: ProxyConfig) -> tuple[object, ...]:
+    """What the shared tables are made from: when it changes, new tables are needed."""
+    q = config.quotas
+    return (
+        config.rate_limiting.max_keys,
+        config.anomaly.max_keys,
+        config.anomaly.rules != (),
+        (quotas_used(config), q.max_consumers, q.timezone, q.database),
+    )
 
 
 def check_policy_files(config: ProxyConfig) -> None:
@@ -160,6 +180,7 @@ async def _serve(
 
     loop.add_signal_handler(signal.SIGHUP, reload_tls)
     runners: list[web.BaseRunner] = []
+    sites: list[web.SockSite] = []
     kwargs = handler_kwargs(config)
     try:
         for listener, sock in sockets:
@@ -188,13 +209,37 @@ async def _serve(
             )
             await site.start()
             runners.append(runner)
+            sites.append(site)
         await stop.wait()
+        await _wind_down(sites, gateway, counters, config)
     finally:
         # cleanup stops accepting, then waits for in-flight requests
         for runner in runners:
             await runner.cleanup()
         await publisher.stop()
         await gateway.close()
+
+
+async def _wind_down(
+    sites: list[web.SockSite], gateway: Gateway, counters: LimitCounters, config: ProxyConfig
+) -> None:
+    """Before the runners' cleanup: let keep-alive clients leave on their own.
+
+    New connections stop at once (the sockets stay open in the master and
+    the other workers, which accept them); every response from now on says
+    `Connection: close`, so a client in the middle of a keep-alive
+    conversation gets its next answer and reconnects to another worker
+    instead of finding its connection cut. Connections still open after
+    the grace period are closed by the cleanup, as keepalive_timeout would.
+    """
+    for site in sites:
+        server = getattr(site, "_server", None)  # aiohttp keeps the asyncio.Server here
+        if server is not None:
+            server.close()
+    gateway.draining.active = True
+    deadline = time.monotonic() + min(DRAIN_GRACE, config.drain_timeout)
+    while counters.connections_active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 def _loop_runner() -> asyncio.Runner:
@@ -228,9 +273,24 @@ def _worker_main(config: ProxyConfig, slot: WorkerSlot, shared: SharedState) -> 
     os._exit(code)
 
 
+def validate(config: ProxyConfig) -> None:
+    """Everything that would make a worker fail at start, checked in the master (at start
+    and before a reload): certificates, API keys and JWT secrets, rate maps, User-Agents."""
+    load_tls(config)
+    try:
+        api_key_entries(config.auth)
+        issuer_configs(config.auth)
+        check_policy_files(config)
+    except (ApiKeyError, AuthSetupError, RateMapError, UserAgentListError) as exc:
+        raise ProxyStartupError(str(exc)) from None
+
+
 class Master:
     def __init__(self, config: Config) -> None:
+        self.path = config.path
         self.config = config.proxy
+        self.retiring: set[int] = set()  # old workers draining after a reload
+        self.generation = 0
         self.slots: list[WorkerSlot] = []
         self.stopping = False
         self.shared: SharedState | None = None
@@ -243,14 +303,9 @@ class Master:
             raise ProxyStartupError("no listeners in [[proxy.listeners]]; nothing to serve")
         if not self.config.routes:
             log.warning("no [[proxy.routes]]: every request will get 404")
-        load_tls(self.config)  # fail at start, in the master, on a bad certificate
-        try:  # and on a bad API keys file or JWT secret, rate map or User-Agent list
-            api_key_entries(self.config.auth)
-            issuer_configs(self.config.auth)
-            check_policy_files(self.config)
-        except (ApiKeyError, AuthSetupError, RateMapError, UserAgentListError) as exc:
-            raise ProxyStartupError(str(exc)) from None
+        validate(self.config)
         self.config.status_dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.config.status_dir / MASTER_FILE, {"pid": os.getpid()})
         clear(self.config.status_dir)
         if self.config.admin.enabled:  # else metrics stay in each worker's memory
             enable_multiprocess(self.config.metrics_dir)  # before any metric exists
@@ -328,6 +383,7 @@ class Master:
             self._reap(pid, status)
 
     def _reap(self, pid: int, status: int) -> None:
+        self.retiring.discard(pid)
         slot = next((s for s in self.slots if s.pid == pid), None)
         mark_process_dead(pid, str(self.config.metrics_dir))  # type: ignore[no-untyped-call]
         if slot is None or self.stopping:
@@ -347,16 +403,92 @@ class Master:
         self._spawn(slot)
 
     def _on_hup(self) -> None:
+        """Reload: a new set of workers with the new config, then the old ones drain.
+
+        The new config is checked in full first; if anything is wrong, the
+        error is logged (and written to status_dir/reload.json for `stockade
+        reload`) and the running workers go on untouched. Listening sockets
+        of unchanged listeners are handed to the new workers, so no
+        connection attempt is refused; old workers stop accepting, finish
+        their requests and tell keep-alive clients to reconnect (Connection:
+        close). Rate-limit, quota and penalty tables are kept when their sizes
+        did not change, so a reload resets no one's counters.
+        """
+        self.generation += 1
+        try:
+            new = self._load_new_config()
+            slots = self._new_slots(new)
+        except (ConfigError, ProxyStartupError) as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            self._reload_status(False, str(exc))
+            return
+        if _table_sizes(new) != _table_sizes(self.config):
+            log.warning("reload: table sizes changed; rate-limit and anomaly counters start over")
+            self.shared = SharedState.create(new)
+        old_slots, self.slots, self.config = self.slots, slots, new
         for slot in self.slots:
+            self._spawn(slot)
+        kept = {id(sock) for slot in self.slots for _, sock in slot.sockets}
+        for slot in old_slots:
+            self.retiring.add(slot.pid)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(slot.pid, signal.SIGHUP)
+                os.kill(slot.pid, signal.SIGTERM)  # it drains, then exits
+            for _, sock in slot.sockets:
+                if id(sock) not in kept:
+                    sock.close()  # its worker still holds it until it exits
+        names = ", ".join(listener.name for listener in new.listeners)
+        log.info("config reloaded: serving %s with %d workers", names, len(self.slots))
+        self._reload_status(True, None)
+
+    def _load_new_config(self) -> ProxyConfig:
+        if self.path is None:
+            raise ProxyStartupError("no config file to reload (started without one)")
+        new = load_config(self.path).proxy
+        # read at start only: these keep their running values
+        fixed = ("status_dir", "metrics_dir", "admin", "user", "group")
+        changed = [key for key in fixed if getattr(new, key) != getattr(self.config, key)]
+        if changed:
+            log.warning("reload: %s change only with a restart", ", ".join(changed))
+        new = dataclasses.replace(new, **{key: getattr(self.config, key) for key in fixed})
+        if not new.listeners:
+            raise ProxyStartupError("no listeners in [[proxy.listeners]]; nothing to serve")
+        validate(new)
+        return new
+
+    def _new_slots(self, new: ProxyConfig) -> list[WorkerSlot]:
+        """The new workers' sockets: the running ones where the listener stayed."""
+        slots: list[WorkerSlot] = []
+        try:
+            for index in range(new.worker_count):
+                old = self.slots[index] if index < len(self.slots) else None
+                running = {(li.address, li.port): sock for li, sock in old.sockets} if old else {}
+                sockets = []
+                for listener in new.listeners:
+                    sock = running.get((listener.address, listener.port))
+                    sockets.append((listener, sock if sock is not None else bind(listener)))
+                slots.append(WorkerSlot(index, sockets))
+        except ProxyStartupError:
+            running_ids = {id(sock) for slot in self.slots for _, sock in slot.sockets}
+            for slot in slots:
+                for _, sock in slot.sockets:
+                    if id(sock) not in running_ids:
+                        sock.close()
+            raise
+        return slots
+
+    def _reload_status(self, ok: bool, error: str | None) -> None:
+        with contextlib.suppress(OSError):
+            write_atomically(
+                self.config.status_dir / RELOAD_FILE,
+                {"generation": self.generation, "at": time.time(), "ok": ok, "error": error},
+            )
 
     def _drain(self) -> int:
         for slot in self.slots:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(slot.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.drain_timeout + STOP_GRACE
-        alive = {slot.pid for slot in self.slots}
+        alive = {slot.pid for slot in self.slots} | self.retiring
         while alive and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -375,8 +507,9 @@ class Master:
                 sock.close()
         if self.admin is not None:
             self.admin.stop()
+        for name in (ADMIN_FILE, MASTER_FILE, RELOAD_FILE):
             with contextlib.suppress(FileNotFoundError):
-                (self.config.status_dir / ADMIN_FILE).unlink()
+                (self.config.status_dir / name).unlink()
         log.info("proxy stopped")
         return 0
 

@@ -128,6 +128,14 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "stockade status [--json]",
         "Attached interfaces, XDP mode, program id, ban and allow counts.",
     ),
+    CommandSpec(
+        "reload",
+        "stockade reload [--json]",
+        "Re-read the config file: the controller applies what can change while running "
+        "(SYN rate, monitor mode, management networks, interfaces) and reports what needs "
+        "a restart; the proxy (signalled too) starts workers with the new config and drains "
+        "the old ones. A config that does not load changes nothing.",
+    ),
 )
 
 COMMANDS_BY_NAME = {spec.name: spec for spec in COMMANDS}

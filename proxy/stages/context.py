@@ -37,6 +37,12 @@ class InFlight(Protocol):
     def dec(self, amount: float = 1) -> None: ...
 
 
+class Draining:
+    """Set when the worker is stopping: every answer closes its connection."""
+
+    active = False
+
+
 class _NoGauge:
     def inc(self, amount: float = 1) -> None:
         pass
@@ -52,10 +58,12 @@ def make(
     checks: Sequence[Stage],
     forward: Forward,
     in_flight: InFlight | None = None,
+    draining: Draining | None = None,
 ) -> Callable[[BaseRequest], Awaitable[StreamResponse]]:
     """The whole pipeline for one listener, as aiohttp's low-level request handler."""
     trusted = config.trusted_proxies
     gauge = in_flight if in_flight is not None else _NoGauge()
+    drain = draining if draining is not None else Draining()
 
     async def handle(request: BaseRequest) -> StreamResponse:
         peer = request.remote or "-"
@@ -98,6 +106,8 @@ def make(
             gauge.dec()
             ctx.path = ctx.path or request.raw_path.split("?", 1)[0][:256]
         ctx.status = response.status
+        if drain.active and not response.prepared:
+            response.force_close()  # Connection: close; the client reconnects elsewhere
         observe(ctx, request.method)
         return response
 
