@@ -1,0 +1,155 @@
+"""The rule sets of the engine modes, built once per worker.
+
+sqli_xss: the engine settings below and the shipped libinjection rules
+(proxy/waf/rules/sqli_xss.conf). crs: the same settings, a setup equivalent
+to CRS's crs-setup.conf (paranoia level, anomaly threshold, the methods and
+content types an API uses), then the distribution's request-side rule
+files in name order, between Debian's local exclusion files when present.
+Only request rules are loaded: the gateway never hands the engine a
+response.
+
+A route that excludes rules gets its own set: the mode's rules merged in
+(shared, not parsed again) plus SecRuleRemoveById. Routes with the same mode
+and exclusions share one set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stockade.proxy.waf.findings import rule_ids
+from stockade.proxy.waf.modsec import Engine, RulesError, RuleSet
+from stockade.proxy.waf_settings import CrsConfig, WafConfig
+
+# Debian's place for an operator's exclusions around CRS (see owasp-crs.load).
+CRS_BEFORE = "REQUEST-900-EXCLUSION-RULES-BEFORE-CRS.conf"
+CRS_AFTER = "RESPONSE-999-EXCLUSION-RULES-AFTER-CRS.conf"
+
+# As ModSecurity's modsecurity.conf-recommended (rule ids 200000-200002): the
+# engine on, bodies read, JSON and XML bodies parsed into ARGS/XML, and a body
+# that does not parse as its declared type refused, since what the engine
+# could not parse it could not inspect either.
+_ENGINE = """\
+SecRuleEngine On
+SecRequestBodyAccess On
+SecRequestBodyLimit {limit}
+SecRequestBodyNoFilesLimit {limit}
+SecRequestBodyLimitAction Reject
+SecResponseBodyAccess Off
+SecAuditEngine Off
+SecRule REQUEST_HEADERS:Content-Type "@rx (?i)^(?:application(?:/soap\\+|/)|text/)xml" \
+    "id:200000,phase:1,t:none,pass,nolog,ctl:requestBodyProcessor=XML"
+SecRule REQUEST_HEADERS:Content-Type "@rx (?i)^application/(?:[a-z0-9.-]+\\+)?json" \
+    "id:200001,phase:1,t:none,pass,nolog,ctl:requestBodyProcessor=JSON"
+SecRule REQBODY_ERROR "!@eq 0" \
+    "id:200002,phase:2,t:none,deny,status:400,log,msg:'Failed to parse request body',\
+logdata:'%{{reqbody_error_msg}}'"
+"""
+
+# What crs-setup.conf sets (rule ids 900000-900990 are reserved for it). CRS
+# restricts Content-Encoding only because ModSecurity cannot read a compressed
+# body; the WAF decompresses it first (or refuses it), so it is allowed here.
+_CRS_SETUP = """\
+SecDefaultAction "phase:1,log,auditlog,pass"
+SecDefaultAction "phase:2,log,auditlog,pass"
+SecAction "id:900000,phase:1,nolog,pass,t:none,setvar:tx.paranoia_level={paranoia}"
+SecAction "id:900110,phase:1,nolog,pass,t:none,\
+setvar:tx.inbound_anomaly_score_threshold={threshold},\
+setvar:tx.outbound_anomaly_score_threshold=4"
+SecAction "id:900200,phase:1,nolog,pass,t:none,setvar:'tx.allowed_methods={methods}'"
+SecAction "id:900220,phase:1,nolog,pass,t:none,\
+setvar:'tx.allowed_request_content_type={content_types}'"
+SecAction "id:900250,phase:1,nolog,pass,t:none,\
+setvar:'tx.restricted_headers=/accept-charset/ /proxy/ /lock-token/ /content-range/ /if/'"
+SecAction "id:900990,phase:1,nolog,pass,t:none,setvar:tx.crs_setup_version=334"
+"""
+
+
+def engine_settings(body_limit: int) -> str:
+    # The engine's own body limit is only a backstop: the WAF never appends more.
+    return _ENGINE.format(limit=max(body_limit, 1))
+
+
+def crs_setup(crs: CrsConfig) -> str:
+    return _CRS_SETUP.format(
+        paranoia=crs.paranoia_level,
+        threshold=crs.anomaly_threshold,
+        methods=" ".join(crs.allowed_methods),
+        content_types=" ".join(f"|{t}|" for t in crs.allowed_content_types),
+    )
+
+
+def crs_files(crs: CrsConfig) -> list[Path]:
+    """The CRS rule files to load, in order; an empty list if the rules are missing."""
+    rules = sorted(crs.rules_dir.glob("REQUEST-*.conf"))
+    if not rules:
+        return []
+    before, after = crs.exclusions_dir / CRS_BEFORE, crs.exclusions_dir / CRS_AFTER
+    return [
+        *([before] if before.is_file() else []),
+        *rules,
+        *([after] if after.is_file() else []),
+    ]
+
+
+class RuleSets:
+    """A worker's rule sets, by (mode, exclusions); built when first asked for."""
+
+    def __init__(self, engine: Engine, config: WafConfig, body_limit: int) -> None:
+        self.engine = engine
+        self.config = config
+        self.body_limit = body_limit  # the most the WAF hands the engine
+        self._sets: dict[tuple[str, tuple[str, ...]], RuleSet] = {}
+        self.known_ids: set[str] = set()  # of every rule loaded: what a log line may name
+
+    def get(self, mode: str, exclusions: tuple[str, ...] = ()) -> RuleSet:
+        key = (mode, exclusions)
+        found = self._sets.get(key)
+        if found is None:
+            found = self._build(mode, exclusions)
+            self._sets[key] = found
+        return found
+
+    def _build(self, mode: str, exclusions: tuple[str, ...]) -> RuleSet:
+        rules = self.engine.rule_set()
+        try:
+            if exclusions:
+                rules.merge(self.get(mode))
+                rules.add("SecRuleRemoveById " + " ".join(exclusions), "waf_exclude_rules")
+            else:
+                self._add(rules, engine_settings(self.body_limit), "engine settings")
+                self._load_mode(rules, mode)
+        except BaseException:
+            rules.close()
+            raise
+        return rules
+
+    def _load_mode(self, rules: RuleSet, mode: str) -> None:
+        if mode == "sqli_xss":
+            self._add_file(rules, self.config.sqli_xss_rules)
+        elif mode == "crs":
+            crs = self.config.crs
+            files = crs_files(crs)
+            if not files:
+                raise RulesError(
+                    f"no REQUEST-*.conf rule files in {crs.rules_dir}; install modsecurity-crs "
+                    "or set [proxy.waf.crs] rules_dir"
+                )
+            self._add(rules, crs_setup(crs), "CRS setup")
+            for path in files:
+                self._add_file(rules, path)
+        else:
+            raise ValueError(f"{mode!r} is not an engine mode")
+
+    def _add(self, rules: RuleSet, text: str, origin: str) -> None:
+        rules.add(text, origin)
+        self.known_ids |= rule_ids(text)
+
+    def _add_file(self, rules: RuleSet, path: Path) -> None:
+        rules.add_file(path)  # the engine's error names a missing or unreadable file
+        self.known_ids |= rule_ids(path.read_text(encoding="utf-8", errors="replace"))
+
+    def close(self) -> None:
+        # sets merged into others are shared: release the routes' own sets first
+        for key in sorted(self._sets, key=lambda k: not k[1]):
+            self._sets.pop(key).close()
