@@ -33,6 +33,7 @@ from stockade.cli.controller_cmds import controller, detach
 from stockade.cli.lab import lab_group
 from stockade.cli.proxy_cmds import proxy, run_all
 from stockade.cli.reload_cmd import reload_cmd
+from stockade.cli.replay_cmd import replay_cmd
 from stockade.cli.rules_cmds import explain, rule_group
 from stockade.cli.usage_cmds import usage
 from stockade.config import ConfigError, load_config, resolve_path
@@ -359,6 +360,7 @@ cli.add_command(run_all)
 cli.add_command(apikey_group, "apikey")
 cli.add_command(usage)
 cli.add_command(reload_cmd)
+cli.add_command(replay_cmd)
 cli.add_command(lab_group, "lab")
 
 

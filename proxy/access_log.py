@@ -1,7 +1,8 @@
 """One JSON line per request, to stderr or a file.
 
 Never the Authorization header, cookies or the query string: only what an
-operator needs to follow a request. Lines are block-buffered and flushed
+operator needs to follow a request (and what `stockade replay` replays:
+time, client, method, host, path, consumer, status, decision). Lines are block-buffered and flushed
 every second (and at exit), so logging costs no system call per request.
 """
 
@@ -26,6 +27,10 @@ def _json_name(name: str) -> str:
     return json.dumps(name)
 
 
+# Hosts and consumers come from clients: a bounded cache of their JSON form.
+_json_text = functools.lru_cache(maxsize=4096)(json.dumps)
+
+
 class AccessLog:
     def __init__(self, target: str) -> None:
         if target == "-":
@@ -47,9 +52,11 @@ class AccessLog:
         upstream = f'"{ctx.upstream}"' if ctx.upstream else "null"
         up_time = "null" if ctx.upstream_time is None else f"{ctx.upstream_time:.6f}"
         reason = f'"{ctx.reason}"' if ctx.reason else "null"
+        consumer = _json_text(ctx.consumer) if ctx.consumer is not None else "null"
         self._out.write(
             f'{{"time":{time.time():.3f},"request_id":"{ctx.request_id}",'
-            f'"client_ip":"{ctx.client_ip}","method":"{method}","path":"{ctx.path}",'
+            f'"client_ip":"{ctx.client_ip}","method":"{method}","host":{_json_text(ctx.host)},'
+            f'"path":"{ctx.path}","consumer":{consumer},'
             f'"route":{route_json},"status":{ctx.status},"bytes_in":{ctx.bytes_in},'
             f'"bytes_out":{ctx.bytes_out},"upstream":{upstream},"upstream_time":{up_time},'
             f'"total_time":{time.monotonic() - ctx.started:.6f},"decision":"{ctx.decision}",'

@@ -30,6 +30,7 @@ class RequestContext:
     scheme: str
     started: float = field(default_factory=time.monotonic)
     path: str = ""  # the one normalized path every stage and the upstream see
+    host: str = ""  # the Host header without its port (as the client sent it), for the log
     route: Route | None = None
     decision: str = ALLOWED
     reason: str = ""

@@ -27,7 +27,8 @@ def path_stage(router: Router, max_url_length: int) -> Stage:
         except BadPath as exc:
             raise Refusal(400, "path", exc.reason, "invalid request path") from None
         ctx.path = lenient
-        route = router.match(host_without_port(request.host), lenient)
+        ctx.host = host_without_port(request.host)
+        route = router.match(ctx.host, lenient)
         if route is None:
             raise Refusal(404, "route", "no_route", "no route for this host and path")
         if not (route.allow_encoded_slash and route.allow_encoded_dots):
