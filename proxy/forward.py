@@ -128,7 +128,7 @@ class Forwarder:
         has_body = request.body_exists
         attempts = 1 + (route.retries if method in IDEMPOTENT else 0)
         headers = _upstream_headers(request, ctx, self.config.auth)
-        query = request.query_string
+        query = request.rel_url.raw_query_string  # as sent: decoding it would change it
         target = f"{ctx.path}?{query}" if query else ctx.path
         tried: set[str] = set()
         for _ in range(attempts):
