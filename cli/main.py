@@ -342,9 +342,16 @@ def check_config(ctx: Context) -> None:
     """Validate the config file without starting anything (exit 2 if it is invalid)."""
     path, asked = resolve_path(ctx.config_path)
     try:
-        load_config(ctx.config_path)
+        config = load_config(ctx.config_path)
     except ConfigError as exc:
         fail(str(exc), None, 2)
+    # deferred: the WAF's modules (ModSecurity, openapi-core) are slow to import
+    from stockade.proxy.waf.firewall import WafLoadError, check_waf
+
+    try:  # the WAF's engine, rules and OpenAPI documents must load too
+        check_waf(config.proxy)
+    except WafLoadError as exc:
+        fail(str(exc), "fix what it names, or set the route's waf to another mode", 2)
     if asked or path.exists():
         click.echo(f"ok: {path} is valid")
     else:

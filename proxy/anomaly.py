@@ -224,6 +224,7 @@ class AnomalyDetector:
         count("errors", error)
         count("auth_failures", status in (401, 403))
         count("rate_limited", status == 429)
+        count("waf_blocks", ctx.decision == "waf" and 400 <= status < 500)  # WAF refusals
         count("bytes_out", ctx.bytes_out > 0, ctx.bytes_out)
         if "err_ratio" in metrics:
             out["err_ratio"] = out["errors"] / out["requests"] if out["requests"] else 0.0

@@ -45,6 +45,7 @@ METRICS = (
     "bytes_out",
     "new_connections",  # per client IP only
     "rate_limited",  # 429s answered
+    "waf_blocks",  # requests the WAF refused (detect mode refuses none)
 )
 OPERATORS = (">=", "<=", "==", ">", "<")
 DEFAULT_USER_AGENTS = Path("/usr/share/modsecurity-crs/rules/scanners-user-agents.data")

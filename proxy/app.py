@@ -22,8 +22,10 @@ from stockade.proxy.ratelimit import RateLimiter
 from stockade.proxy.settings import ProxyConfig
 from stockade.proxy.shared_state import SharedState
 from stockade.proxy.stages.context import Draining
+from stockade.proxy.stages.waf import waf_stage
 from stockade.proxy.tls import HANDSHAKES
 from stockade.proxy.upstream import PoolState
+from stockade.proxy.waf.firewall import Waf
 
 METRICS_SYNC_INTERVAL = 1.0
 
@@ -54,6 +56,7 @@ class Gateway:
             if self.shared.quotas is not None
             else None
         )
+        self.waf = Waf(config)  # loads the routes' rule sets and OpenAPI documents
         self.metrics = ProxyMetrics()
         self.draining = Draining()  # set when the worker stops: answers close connections
         self.anomaly.on_action = lambda rule, action: self.metrics.anomaly_actions.labels(
@@ -109,6 +112,7 @@ class Gateway:
             post_auth_limits=limiter.post_auth_stage()
             if any(limiter.post.values()) or limiter.plans_used
             else None,
+            waf=waf_stage(self.waf) if self.waf.active else None,
         )
 
     async def start(self) -> None:
@@ -135,6 +139,7 @@ class Gateway:
         if self.usage is not None:
             await self.usage.stop()
         await self.anomaly.close()
+        await self.waf.close()
         await self.access_log.close()
 
     def server(self, scheme: str, counters: LimitCounters | None = None) -> GuardedServer:

@@ -45,6 +45,7 @@ class RequestContext:
     api_key_id: str | None = None
     response_headers: list[tuple[str, str]] = field(default_factory=list)  # set on the answer
     tightest: Tightest | None = None  # the rate limit closest to refusing
+    body_read: bytes = b""  # what a stage (the WAF) read of the body: forwarded first
 
 
 class RequestIds:

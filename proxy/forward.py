@@ -65,6 +65,21 @@ async def _counted(chunks: AsyncIterator[bytes], ctx: RequestContext) -> AsyncIt
         yield chunk
 
 
+async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def _body(
+    request: BaseRequest, ctx: RequestContext, max_size: int, idle_timeout: float
+) -> AsyncIterator[bytes]:
+    """The request body: what a stage already read (the WAF), then the rest of the stream."""
+    first = ctx.body_read
+    rest = bounded_body(request.content, max_size - len(first), idle_timeout)
+    return _counted(_after(first, rest) if first else rest, ctx)
+
+
 def _body_error(exc: BaseException | None) -> BodyError | None:
     """The client-body limit behind an exception, if the failure was the client's."""
     while exc is not None:
@@ -142,12 +157,7 @@ class Forwarder:
             tried.add(server.address)
             ctx.upstream = server.address
             body = (
-                _counted(
-                    bounded_body(
-                        request.content, route.max_body_size, self.config.body_idle_timeout
-                    ),
-                    ctx,
-                )
+                _body(request, ctx, route.max_body_size, self.config.body_idle_timeout)
                 if has_body
                 else None
             )

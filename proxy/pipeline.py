@@ -30,13 +30,14 @@ from stockade.proxy.stages.path import path_stage
 
 @dataclass(frozen=True)
 class PolicyStages:
-    """The stages a gateway builds from its config (auth, limits, anomaly rules)."""
+    """The stages a gateway builds from its config (auth, limits, anomaly rules, WAF)."""
 
     auth: Stage
     ip_penalties: Stage | None = None
     pre_auth_limits: Stage | None = None
     consumer_penalties: Stage | None = None
     post_auth_limits: Stage | None = None
+    waf: Stage | None = None  # routes with a waf mode (proxy/stages/waf.py)
 
 
 def checks(config: ProxyConfig, policy: PolicyStages) -> list[Stage]:
@@ -49,7 +50,7 @@ def checks(config: ProxyConfig, policy: PolicyStages) -> list[Stage]:
         policy.auth,
         policy.consumer_penalties,
         policy.post_auth_limits,
-        # the WAF stage goes here
+        policy.waf,
     ]
     return [stage for stage in stages if stage is not None]
 

@@ -40,6 +40,7 @@ from stockade.proxy.ratelimit_settings import (
     parse_rate_limiting,
     route_limits,
 )
+from stockade.proxy.waf_settings import RouteWaf, WafConfig, parse_route_waf, parse_waf
 from stockade.targets import Network
 
 BALANCE_POLICIES = ("round_robin", "least_outstanding")
@@ -127,6 +128,7 @@ class Route:
     allow_encoded_dots: bool = False  # %2E segments such as %2e%2e
     auth: RouteAuth = field(default_factory=RouteAuth)
     rate_limits: tuple[str, ...] = ()  # names in [proxy.rate_limiting.limits]
+    waf: RouteWaf = field(default_factory=RouteWaf)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class ProxyConfig:
     rate_limiting: RateLimitConfig = field(default_factory=RateLimitConfig)
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    waf: WafConfig = field(default_factory=WafConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     metrics_dir: Path = Path("/run/stockade/proxy-metrics")  # the workers' metric files
 
@@ -291,6 +294,7 @@ def _route(
     pools: set[str],
     auth: AuthConfig,
     limits: RateLimitConfig,
+    waf: WafConfig,
 ) -> Route:
     pool = section.get("pool", str, "")
     if pool not in pools:
@@ -319,6 +323,7 @@ def _route(
         allow_encoded_dots=section.get("allow_encoded_dots", bool, d.allow_encoded_dots),
         auth=parse_route_auth(section, auth),
         rate_limits=route_limits(section, limits),
+        waf=parse_route_waf(section, waf),
     )
     section.finish()
     return route
@@ -340,8 +345,9 @@ def parse_proxy(section: Section) -> ProxyConfig:
     names = {p.name for p in pools}
     auth = parse_auth(section.subsection("auth"))
     rate_limiting = parse_rate_limiting(section.subsection("rate_limiting"))
+    waf = parse_waf(section.subsection("waf"))
     routes = tuple(
-        _route(i, Section(f"{section.key('routes')}[{i}]", raw), names, auth, rate_limiting)
+        _route(i, Section(f"{section.key('routes')}[{i}]", raw), names, auth, rate_limiting, waf)
         for i, raw in enumerate(section.get("routes", list, []))
     )
     if len({r.name for r in routes}) != len(routes):
@@ -373,6 +379,7 @@ def parse_proxy(section: Section) -> ProxyConfig:
         rate_limiting=rate_limiting,
         quotas=parse_quotas(section.subsection("quotas")),
         anomaly=parse_anomaly(section.subsection("anomaly")),
+        waf=waf,
         admin=parse_admin(section.subsection("admin"), AdminConfig()),
         metrics_dir=section.path("metrics_dir", d.metrics_dir),
     )

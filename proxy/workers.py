@@ -53,6 +53,7 @@ from stockade.proxy.status import (
     write_atomically,
 )
 from stockade.proxy.tls import ServerTls, TlsConfigError
+from stockade.proxy.waf.firewall import WafLoadError, check_waf
 
 log = logging.getLogger("stockade.proxy")
 
@@ -282,6 +283,10 @@ def validate(config: ProxyConfig) -> None:
         issuer_configs(config.auth)
         check_policy_files(config)
     except (ApiKeyError, AuthSetupError, RateMapError, UserAgentListError) as exc:
+        raise ProxyStartupError(str(exc)) from None
+    try:  # and the WAF's engine, rule sets and OpenAPI documents
+        check_waf(config)
+    except WafLoadError as exc:
         raise ProxyStartupError(str(exc)) from None
 
 
