@@ -20,6 +20,7 @@ from stockade import __version__
 from stockade.cli import output
 from stockade.cli.apikey_cmds import apikey_group
 from stockade.cli.client import call
+from stockade.cli.completion_cmd import completion
 from stockade.cli.context import (
     ENV_SOCKET,
     Context,
@@ -335,23 +336,29 @@ def _print_proxy_status(workers: list[dict[str, Any]]) -> None:
 @cli.command(
     "check-config",
     epilog="Examples:\n\n  stockade check-config\n\n"
+    "  stockade check-config /etc/stockade/stockade.toml.new\n\n"
     "  stockade --config ./stockade.toml check-config",
 )
+@click.argument("file", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @pass_ctx
-def check_config(ctx: Context) -> None:
-    """Validate the config file without starting anything (exit 2 if it is invalid)."""
-    path, asked = resolve_path(ctx.config_path)
+def check_config(ctx: Context, file: Path | None) -> None:
+    """Validate a config file without starting anything: syntax, types, unknown keys,
+    CIDRs, and every file it names - certificates matching their keys, API keys, JWT
+    keys, rate maps, the User-Agent list, WAF rules and OpenAPI documents (exit 2 on
+    the first problem). FILE defaults to the --config file."""
+    target = file if file is not None else ctx.config_path
+    path, asked = resolve_path(target)
     try:
-        config = load_config(ctx.config_path)
+        config = load_config(target)
     except ConfigError as exc:
         fail(str(exc), None, 2)
-    # deferred: the WAF's modules (ModSecurity, openapi-core) are slow to import
-    from stockade.proxy.waf.firewall import WafLoadError, check_waf
+    # deferred: the proxy's modules (aiohttp, ModSecurity, openapi-core) are slow to import
+    from stockade.proxy.workers import ProxyStartupError, validate
 
-    try:  # the WAF's engine, rules and OpenAPI documents must load too
-        check_waf(config.proxy)
-    except WafLoadError as exc:
-        fail(str(exc), "fix what it names, or set the route's waf to another mode", 2)
+    try:  # what the proxy's master checks before it starts or reloads
+        validate(config.proxy)
+    except ProxyStartupError as exc:
+        fail(str(exc), "fix what it names", 2)
     if asked or path.exists():
         click.echo(f"ok: {path} is valid")
     else:
@@ -368,6 +375,7 @@ cli.add_command(apikey_group, "apikey")
 cli.add_command(usage)
 cli.add_command(reload_cmd)
 cli.add_command(replay_cmd)
+cli.add_command(completion)
 cli.add_command(lab_group, "lab")
 
 
