@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import flood, jwt, l7, report, xdp_cost
+from bench import flood, jwt, l7, report, waf, xdp_cost
 from bench.common import BENCH_DIR
 
 
@@ -36,7 +36,13 @@ def main() -> int:
     if bootstrap.returncode != 0:
         print("bench: bench/bootstrap failed; fix that first", file=sys.stderr)
         return 1
-    cases = {"xdp_cost": xdp_cost.main, "flood": flood.main, "l7": l7.main, "jwt": jwt.main}
+    cases = {
+        "xdp_cost": xdp_cost.main,
+        "flood": flood.main,
+        "l7": l7.main,
+        "jwt": jwt.main,
+        "waf": waf.main,
+    }
     failed = [name for name, case in cases.items() if not run_case(name, case)]
     path = report.write_readme()
     minutes = (time.monotonic() - started) / 60

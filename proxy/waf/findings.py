@@ -10,9 +10,10 @@ A line looks like
 and the client controls parts of it: the value after `Value:` (shown as
 sent, quotes and brackets included), the data field (whose quotes the
 engine escapes as \\x22) and the uri. So a client can write a fake
-`[id "..."]` into its request. Two defences: the data field of a real
-line has no raw quote, so the pattern below only takes a field run whose
-data ends at the first quote; and a rule id counts only if it is one of the
+`[id "..."]` into its request. Three defences: the data field of a real
+line has no raw quote and no message has `"] [`, so a run of fields must
+end where a real one would; every place a run starts is tried (a fake run
+cannot hide the real one); and a rule id counts only if it is one of the
 loaded rules (known_ids), so ids in counters and metrics come from the rule
 files, never from a request.
 
@@ -35,7 +36,7 @@ REDACTED = "[redacted]"
 
 _FIELDS = re.compile(
     r'\[file "[^"]*"\] \[line "\d+"\] \[id "(\d{1,12})"\] \[rev "[^"]*"\] '
-    r'\[msg "(.*?)"\] \[data "([^"]*)"\] \[severity "\d+"\]',
+    r'\[msg "((?:(?!"\] \[).)*)"\] \[data "([^"]*)"\] \[severity "\d+"\]',
     re.DOTALL,
 )
 _DATA = re.compile(r"Matched Data: .*? found within ([A-Za-z_]+(?::[^:]{0,256})?): (.*)", re.DOTALL)
@@ -92,7 +93,9 @@ def parse(
     line: str, known_ids: Collection[str], secret_headers: Collection[str] = SECRET_HEADERS
 ) -> Finding | None:
     """The finding a log line reports, or None when it names no loaded rule."""
-    for match in _FIELDS.finditer(line):
+    position = 0
+    while (match := _FIELDS.search(line, position)) is not None:
+        position = match.start() + 1  # candidates may overlap: a fake one may hide a real one
         rule_id, message, data = match.groups()
         if rule_id not in known_ids:
             continue

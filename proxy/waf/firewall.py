@@ -124,6 +124,15 @@ def _addresses(request: BaseRequest) -> tuple[int, str, int]:
     return client_port, "0.0.0.0", 0
 
 
+def headers_for_rules(
+    raw: tuple[tuple[bytes, bytes], ...], read: frozenset[bytes] | None
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The request's headers that the rules can read (see rulesets.headers_read)."""
+    if read is None:
+        return tuple(raw)
+    return tuple(pair for pair in raw if pair[0].lower() in read)
+
+
 class Waf:
     """One worker's WAF. Loads every rule set and document the routes use, or raises."""
 
@@ -135,8 +144,10 @@ class Waf:
         routes = [route for route in config.routes if route.waf.mode != "off"]
         self.engine: Engine | None = None
         self.rule_sets: RuleSets | None = None
-        self._rules: dict[str, RuleSet] = {}
-        self._gates: dict[str, OpenApiGate] = {}
+        self.rules: dict[str, RuleSet] = {}  # by route name: the engine modes' rule sets
+        # by route name: the headers its rules read (lowercase), None for all
+        self.headers_read: dict[str, frozenset[bytes] | None] = {}
+        self.gates: dict[str, OpenApiGate] = {}  # by route name: zero trust's documents
         try:
             self._load(routes)
         except BaseException:
@@ -159,8 +170,10 @@ class Waf:
             )
             self.rule_sets = RuleSets(self.engine, self.settings, largest)
             for route in engine_routes:
-                self._rules[route.name] = self.rule_sets.get(
-                    route.waf.mode, route.waf.exclude_rules
+                self.rules[route.name] = self.rule_sets.get(route.waf.mode, route.waf.exclude_rules)
+                read = self.rule_sets.headers_read(route.waf.mode)
+                self.headers_read[route.name] = (
+                    None if read is None else frozenset(name.encode() for name in read)
                 )
         documents: dict[Path, OpenApiGate] = {}
         for route in routes:
@@ -168,11 +181,11 @@ class Waf:
             if route.waf.mode == "zero_trust" and path is not None:
                 if path not in documents:
                     documents[path] = OpenApiGate(path)
-                self._gates[route.name] = documents[path]
+                self.gates[route.name] = documents[path]
 
     @property
     def active(self) -> bool:
-        return bool(self._rules or self._gates)
+        return bool(self.rules or self.gates)
 
     async def inspect(self, request: BaseRequest, ctx: RequestContext, route: Route) -> None:
         """Pass the request on (return) or refuse it; the stage in proxy/stages/waf.py."""
@@ -239,7 +252,7 @@ class Waf:
         codings: tuple[str, ...],
     ) -> tuple[Callable[[], Verdict], int]:
         """The evaluation as a function of copied data (it may run on another thread)."""
-        gate = self._gates.get(route.name)
+        gate = self.gates.get(route.name)
         if gate is not None:
             facts = RequestFacts(
                 scheme=ctx.scheme,
@@ -252,7 +265,7 @@ class Waf:
                 content_type=request.headers.get("Content-Type", "").lower(),
             )
             size = len(request.raw_path) + len(body or b"")
-            return (lambda: self._check_openapi(gate, facts, body, codings)), size
+            return (lambda: self.check_openapi(gate, facts, body, codings)), size
         client_port, server, server_port = _addresses(request)
         version = request.version
         data = EngineInput(
@@ -263,12 +276,12 @@ class Waf:
             uri=request.raw_path.encode("utf-8", "surrogateescape"),
             method=request.method,
             version=f"{version.major}.{version.minor}",
-            headers=tuple(request.raw_headers),
+            headers=headers_for_rules(request.raw_headers, self.headers_read[route.name]),
             codings=codings,
             body=body,
         )
-        rules = self._rules[route.name]
-        return (lambda: self._evaluate(rules, data)), data.size
+        rules = self.rules[route.name]
+        return (lambda: self.evaluate(rules, data)), data.size
 
     async def _offloaded(self, job: Callable[[], Verdict]) -> Verdict:
         with self._pending_lock:
@@ -299,7 +312,7 @@ class Waf:
             status = _DECODE_STATUS.get(exc.reason, 400)
             return Verdict(status, exc.reason, "request body could not be decoded", (exc.reason,))
 
-    def _evaluate(self, rules: RuleSet, data: EngineInput) -> Verdict:
+    def evaluate(self, rules: RuleSet, data: EngineInput) -> Verdict:
         body = data.body
         if body and data.codings:
             decoded = self._decoded(body, data.codings)
@@ -311,8 +324,7 @@ class Waf:
         with self.engine.transaction(rules, transaction_id) as tx:
             tx.connection(data.client, data.client_port, data.server, data.server_port)
             tx.uri(data.uri, data.method, data.version)
-            for name, value in data.headers:
-                tx.add_header(name, value)
+            tx.add_headers(data.headers)
             tx.process_headers()
             found = tx.intervention()
             if found is None:
@@ -332,7 +344,7 @@ class Waf:
             )
         return Verdict(403, "blocked", "request blocked", keys, tuple(findings))
 
-    def _check_openapi(
+    def check_openapi(
         self,
         gate: OpenApiGate,
         facts: RequestFacts,
@@ -387,7 +399,7 @@ class Waf:
         if self.rule_sets is not None:
             self.rule_sets.close()
             self.rule_sets = None
-        self._rules.clear()
+        self.rules.clear()
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -41,6 +41,7 @@ import ctypes
 import ctypes.util
 import itertools
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -301,6 +302,13 @@ class Transaction:
             self._msc.msc_add_n_request_header(self._pointer(), name, len(name), value, len(value)),
             "msc_add_n_request_header",
         )
+
+    def add_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """add_header for each pair, with the lookups done once (the hot path)."""
+        add, pointer = self._msc.msc_add_n_request_header, self._pointer()
+        for name, value in headers:
+            if add(pointer, name, len(name), value, len(value)) != 1:
+                raise ModSecurityError("msc_add_n_request_header failed")
 
     def process_headers(self) -> None:
         """Phase 1: the rules on the request line and headers."""

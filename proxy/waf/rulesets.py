@@ -15,6 +15,7 @@ and exclusions share one set.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from stockade.proxy.waf.findings import rule_ids
@@ -92,6 +93,27 @@ def crs_files(crs: CrsConfig) -> list[Path]:
     ]
 
 
+# Headers the engine itself reads, whatever the rules: the body processors
+# (Content-Type), REQUEST_COOKIES (Cookie), and the body's declared length.
+ENGINE_HEADERS = frozenset({"content-type", "cookie", "content-length"})
+_ALL_HEADERS = re.compile(r"REQUEST_HEADERS(?![:A-Z_])|REQUEST_HEADERS_NAMES|REQUEST_HEADERS:/")
+_NAMED_HEADER = re.compile(r"REQUEST_HEADERS:([A-Za-z0-9_-]+)")
+
+
+def headers_read(text: str) -> frozenset[str] | None:
+    """The request headers rules can see (lowercase), or None for all of them.
+
+    A rule on the whole collection (REQUEST_HEADERS, its names, a /regex/
+    selector) sees every header; one on REQUEST_HEADERS:User-Agent only
+    that one. The WAF hands the engine only these: each header costs a call
+    and the engine's bookkeeping, and a header no rule reads cannot change
+    a verdict.
+    """
+    if _ALL_HEADERS.search(text):
+        return None
+    return ENGINE_HEADERS | {name.lower() for name in _NAMED_HEADER.findall(text)}
+
+
 class RuleSets:
     """A worker's rule sets, by (mode, exclusions); built when first asked for."""
 
@@ -101,6 +123,7 @@ class RuleSets:
         self.body_limit = body_limit  # the most the WAF hands the engine
         self._sets: dict[tuple[str, tuple[str, ...]], RuleSet] = {}
         self.known_ids: set[str] = set()  # of every rule loaded: what a log line may name
+        self._texts: dict[str, list[str]] = {}  # by mode: the rule text loaded
 
     def get(self, mode: str, exclusions: tuple[str, ...] = ()) -> RuleSet:
         key = (mode, exclusions)
@@ -117,7 +140,7 @@ class RuleSets:
                 rules.merge(self.get(mode))
                 rules.add("SecRuleRemoveById " + " ".join(exclusions), "waf_exclude_rules")
             else:
-                self._add(rules, engine_settings(self.body_limit), "engine settings")
+                self._add(rules, engine_settings(self.body_limit), "engine settings", mode)
                 self._load_mode(rules, mode)
         except BaseException:
             rules.close()
@@ -126,7 +149,7 @@ class RuleSets:
 
     def _load_mode(self, rules: RuleSet, mode: str) -> None:
         if mode == "sqli_xss":
-            self._add_file(rules, self.config.sqli_xss_rules)
+            self._add_file(rules, self.config.sqli_xss_rules, mode)
         elif mode == "crs":
             crs = self.config.crs
             files = crs_files(crs)
@@ -135,19 +158,26 @@ class RuleSets:
                     f"no REQUEST-*.conf rule files in {crs.rules_dir}; install modsecurity-crs "
                     "or set [proxy.waf.crs] rules_dir"
                 )
-            self._add(rules, crs_setup(crs), "CRS setup")
+            self._add(rules, crs_setup(crs), "CRS setup", mode)
             for path in files:
-                self._add_file(rules, path)
+                self._add_file(rules, path, mode)
         else:
             raise ValueError(f"{mode!r} is not an engine mode")
 
-    def _add(self, rules: RuleSet, text: str, origin: str) -> None:
+    def headers_read(self, mode: str) -> frozenset[str] | None:
+        """The headers the mode's rules read (None: all); its rules must be loaded."""
+        return headers_read("\n".join(self._texts[mode]))
+
+    def _add(self, rules: RuleSet, text: str, origin: str, mode: str) -> None:
         rules.add(text, origin)
         self.known_ids |= rule_ids(text)
+        self._texts.setdefault(mode, []).append(text)
 
-    def _add_file(self, rules: RuleSet, path: Path) -> None:
+    def _add_file(self, rules: RuleSet, path: Path, mode: str) -> None:
         rules.add_file(path)  # the engine's error names a missing or unreadable file
-        self.known_ids |= rule_ids(path.read_text(encoding="utf-8", errors="replace"))
+        text = path.read_text(encoding="utf-8", errors="replace")
+        self.known_ids |= rule_ids(text)
+        self._texts.setdefault(mode, []).append(text)
 
     def close(self) -> None:
         # sets merged into others are shared: release the routes' own sets first

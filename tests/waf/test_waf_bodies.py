@@ -167,13 +167,13 @@ def test_an_inspection_over_the_time_budget_is_refused_and_the_loop_keeps_servin
         routes = {"slow": RouteWaf("crs"), "off": RouteWaf()}
         config = waf_config(upstream, tmp_path / "log", routes, WafConfig(timeout=0.5))
         async with serving(config) as (base, gw), aiohttp.ClientSession() as session:
-            real = gw.waf._evaluate
+            real = gw.waf.evaluate
 
             def slow(*args: Any) -> Verdict:
                 time.sleep(1.0)  # holds no GIL while sleeping, as the engine in C
                 return real(*args)
 
-            gw.waf._evaluate = slow  # type: ignore[method-assign]
+            gw.waf.evaluate = slow  # type: ignore[method-assign]
             slow_request = asyncio.create_task(session.get(base + "/slow/a?q=1"))
             await asyncio.sleep(0.1)
             started = time.monotonic()
@@ -204,7 +204,7 @@ def test_too_many_pending_inspections_are_refused(tmp_path: Path) -> None:
                 time.sleep(0.3)
                 return PASS
 
-            gw.waf._evaluate = slow  # type: ignore[method-assign]
+            gw.waf.evaluate = slow  # type: ignore[method-assign]
 
             async def get() -> int:
                 async with session.get(base + "/crs/a") as answer:
