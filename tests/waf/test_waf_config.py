@@ -144,3 +144,12 @@ def test_rule_exclusions_apply_to_their_route_only(tmp_path: Path) -> None:
         await upstream.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_example_config_shows_the_defaults() -> None:
+    from stockade.config import load_config
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "stockade.toml"
+    config = load_config(example).proxy
+    assert config.waf == WafConfig()
+    assert config.routes[0].waf == RouteWaf("crs")
