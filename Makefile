@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap demo test lint typecheck check bench clean
+.PHONY: bootstrap demo test lint typecheck check bench clean install uninstall
 
 bootstrap:
 	./scripts/bootstrap
@@ -28,6 +28,14 @@ typecheck: bootstrap
 
 bench: bootstrap
 	$(PY) -m bench.run
+
+# An edge host: /opt/stockade, /etc/stockade, systemd units (docs/install.md).
+# DESTDIR=DIR installs under a staging root; PURGE=1 also removes config and state.
+install:
+	DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' ./scripts/install
+
+uninstall:
+	DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' PURGE='$(PURGE)' ./scripts/uninstall
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
