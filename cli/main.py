@@ -36,6 +36,7 @@ from stockade.cli.proxy_cmds import proxy, run_all
 from stockade.cli.reload_cmd import reload_cmd
 from stockade.cli.replay_cmd import replay_cmd
 from stockade.cli.rules_cmds import explain, rule_group
+from stockade.cli.top_cmd import top
 from stockade.cli.usage_cmds import usage
 from stockade.config import ConfigError, load_config, resolve_path
 from stockade.controller.layout import reason_names
@@ -377,6 +378,7 @@ cli.add_command(reload_cmd)
 cli.add_command(replay_cmd)
 cli.add_command(completion)
 cli.add_command(lab_group, "lab")
+cli.add_command(top)
 
 
 def main() -> None:
