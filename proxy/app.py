@@ -83,16 +83,23 @@ class Gateway:
                 up = bool(row["healthy"]) and not row["ejected"]
                 m.upstream_up.labels(name, server).set(1 if up else 0)
                 m.upstream_outstanding.labels(name, server).set(float(str(row["outstanding"])))
-        totals = {
+        totals: dict[str, int] = {
             "max_connections": sum(c.connections_refused for c in self._limit_counters),
             "denied_source": self.anomaly.connections_refused,
             "tls": HANDSHAKES.failures,
         }
+        waf = self.waf.counters
+        for action, counts in (("block", waf.blocks), ("detect", waf.detections)):
+            for (mode, rule), count in list(counts.items()):
+                totals[f"waf\0{action}\0{mode}\0{rule}"] = count
         for key, total in totals.items():
             delta = total - self._synced.get(key, 0)
             if delta > 0:
                 if key == "tls":
                     m.tls_handshake_failures.inc(delta)
+                elif key.startswith("waf\0"):
+                    _, action, mode, rule = key.split("\0")
+                    m.waf_blocks.labels(mode, rule, action).inc(delta)
                 else:
                     m.connections_refused.labels(key).inc(delta)
             self._synced[key] = total

@@ -122,3 +122,22 @@ def test_the_admin_listener_wants_its_token(tmp_path: Path, upstream: int) -> No
             assert refused.value.code == 401
         assert "stockade_build_info" in scrape_text(status_dir, "s3cret-token")
         assert "s3cret-token" not in proxy.log.read_text()
+
+
+def test_waf_blocks_are_counted_by_mode_and_rule(tmp_path: Path, upstream: int) -> None:
+    port = free_port()
+    text = proxy_config(port, upstream, 2, "", 'waf = "sqli_xss"')
+    with running_proxy(text, tmp_path, port) as proxy:
+        proxy.wait_workers(2)
+        assert status_of(port, path="/x?q=hello") == 200
+        assert status_of(port, path="/x?id=1%27%20OR%20%271%27%3D%271") == 403
+        time.sleep(1.5)  # the workers move WAF counts into the metrics once a second
+        found = samples(scrape_text(tmp_path / "status"))
+        blocks = {
+            dict(labels)["rule"]: value
+            for (name, labels), value in found.items()
+            if name == "stockade_proxy_waf_blocks_total"
+        }
+        assert blocks and all(value == 1 for value in blocks.values()), blocks
+        assert total(found, "stockade_proxy_waf_blocks_total", mode="sqli_xss", action="block")
+        assert total(found, "stockade_proxy_requests_total", decision="waf") == 1
