@@ -403,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 1 or not 1 <= args.duration <= 60 or args.transactions < CHECKPOINT:
         parser.error(f"--rounds >= 1, --duration 1-60, --transactions >= {CHECKPOINT:,}")
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     try:
         memory = leak(args.transactions)
         if args.leak_only:
@@ -419,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "source": source_revision(l7.SOURCES),
         "machine": machine(("libmodsecurity3", "modsecurity-crs", *l7.PACKAGES)),
         "total_s": round(time.monotonic() - started, 1),
+        "host_load": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-minute average
         "micro": per_request,
         "memory": memory,
         "gateway": served,

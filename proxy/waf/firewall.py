@@ -10,9 +10,10 @@ Per request on a route with a WAF mode:
    check (zero_trust). It runs in the worker's thread pool (ctypes lets go
    of the GIL, so other requests go on meanwhile), bounded by `timeout`
    (503 after it; the engine call finishes in its thread and is released
-   there) and by max_pending jobs (503 beyond). A small request in sqli_xss
-   or zero_trust (inline_max) is evaluated on the loop instead: its tens of
-   microseconds cost less than handing it to a thread and back.
+   there) and by max_pending jobs (503 beyond). With inline_max set, a
+   sqli_xss or zero_trust request up to that size is evaluated on the loop
+   instead (off by default: under load the threads cost less CPU per
+   request, since they keep the engine's code and data in their caches).
 3. The verdict: a block is 403 with only the request id for the client
    (400 for a body that does not parse, 413 for a decompression bomb),
    logged with the rules, their messages and the matched variables

@@ -242,3 +242,27 @@ def test_repeated_blocks_feed_the_anomaly_rules(tmp_path: Path) -> None:
         await upstream.stop()
 
     _run(scenario())
+
+
+def test_small_requests_can_be_evaluated_on_the_loop(tmp_path: Path) -> None:
+    """inline_max: the same verdicts without the thread pool."""
+
+    async def scenario() -> None:
+        upstream = RecordingUpstream()
+        await upstream.start()
+        config = waf_config(
+            upstream, tmp_path / "log", {"a": RouteWaf("sqli_xss")}, WafConfig(inline_max=65536)
+        )
+        async with serving(config) as (base, gw), aiohttp.ClientSession() as session:
+
+            def no_threads(job: Any) -> Any:
+                raise AssertionError("went to the thread pool")
+
+            gw.waf.executor.submit = no_threads  # type: ignore[method-assign]
+            async with session.get(base + "/a/x?id=1%27%20or%20%271%27=%271") as answer:
+                assert answer.status == 403
+            async with session.post(base + "/a/x", json={"q": "O'Brien"}) as answer:
+                assert answer.status == 200
+        await upstream.stop()
+
+    _run(scenario())
