@@ -7,7 +7,6 @@ installed, and the rest is read from the file.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -31,19 +30,6 @@ def test_ruby_syntax() -> None:
         ["ruby", "-c", str(VAGRANTFILE)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "Syntax OK" in result.stdout, result.stderr
-
-
-@pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant is not installed")
-def test_vagrant_validate() -> None:
-    result = subprocess.run(
-        ["vagrant", "validate"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=VAGRANTFILE.parent,
-        env={**os.environ, "VAGRANT_CHECKPOINT_DISABLE": "1"},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_debian_12_with_2_cpus_and_2_gib() -> None:
