@@ -20,6 +20,7 @@ from stockade import __version__
 from stockade.cli import output
 from stockade.cli.apikey_cmds import apikey_group
 from stockade.cli.client import call
+from stockade.cli.cluster_status import cluster_lines
 from stockade.cli.completion_cmd import completion
 from stockade.cli.context import (
     ENV_SOCKET,
@@ -305,6 +306,8 @@ def status(ctx: Context, as_json: bool) -> None:
     r = result["syn_rate"]
     rate = f"{r['rate']}/s burst {r['burst']}" if r["rate"] else "off"
     click.echo(f"SYN rate:   {rate}, IPv6 grouped by /{r['ipv6_prefix']}, {r['events']} events")
+    for line in cluster_lines(result["cluster"]):
+        click.echo(line)
     _print_proxy_status(workers)
 
 

@@ -39,6 +39,7 @@ from stockade.admin_http import AdminError, AdminServer
 from stockade.clock import Clock, SystemClock
 from stockade.config import Config, ConfigError, load_config
 from stockade.controller import layout, loader, metrics, xdp_attach
+from stockade.controller.cluster import ClusterSync, embedded_status
 from stockade.controller.maps import BpfMaps, RuntimeSettings
 from stockade.controller.service import BanService
 from stockade.controller.store import BanStore
@@ -51,6 +52,7 @@ from stockade.protocol import (
     decode_request,
     encode,
 )
+from stockade.redis_conn import ClusterAuthError
 from stockade.targets import is_exact
 
 log = logging.getLogger("stockade.controller")
@@ -187,6 +189,7 @@ class Controller:
         self._stop = asyncio.Event()
         self._rules_gid: int | None = None
         self.admin: AdminServer | None = None
+        self.cluster: ClusterSync | None = None  # cluster mode ([cluster] backend = "redis")
         # Every command and sweep runs on this one thread: map and store
         # writes never interleave, and the event loop stays free (pyroute2's
         # sync API runs an event loop of its own, which needs another thread).
@@ -384,6 +387,9 @@ class Controller:
                 "ipv6": sum(1 for b in bans if b.target.version == 6),
             },
             "allows": len(self.maps.allows()),
+            "cluster": self.cluster.status()
+            if self.cluster is not None
+            else embedded_status(self.config.cluster.node),
             "syn_rate": {
                 "rate": s.syn_rate,
                 "burst": s.syn_burst,
@@ -509,6 +515,7 @@ class Controller:
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         tasks: list[asyncio.Task[None]] = []
         try:
+            await self._start_cluster()
             for listener in listeners:
                 servers.append(await self._listen(listener))
             control, rules = listeners
@@ -532,10 +539,30 @@ class Controller:
                 await server.wait_closed()
             for task in tasks:
                 task.cancel()
+            if self.cluster is not None:
+                await self.cluster.stop()
             for listener in listeners[: len(servers)]:
                 with suppress(FileNotFoundError):
                     listener.path.unlink()
             log.info("stopped; the XDP program stays attached and keeps enforcing")
+
+    async def _start_cluster(self) -> None:
+        """Cluster mode: share bans through Redis (a sync task on this event loop)."""
+        if not self.config.cluster.enabled:
+            return
+        assert self.service is not None
+        loop = asyncio.get_running_loop()
+        self.cluster = ClusterSync(
+            self.config.cluster,
+            self.service,
+            lambda fn: loop.run_in_executor(self._worker, fn),  # the one writer of maps/store
+            self.config.controller.state_dir,
+        )
+        try:
+            await self.cluster.start()
+        except ClusterAuthError as exc:
+            self.cluster = None
+            raise StartupError(str(exc)) from None
 
     # -- reload (SIGHUP, `stockade reload`) -------------------------------------
     def reload(self) -> dict[str, Any]:
@@ -575,6 +602,7 @@ class Controller:
                 ("controller.netns", new.controller.netns != old.controller.netns),
                 ("controller.admin", new.controller.admin != old.controller.admin),
                 ("xdp.mode", new.xdp.mode != old.xdp.mode),
+                ("cluster", new.cluster != old.cluster),
             )
             if changed
         ]
@@ -613,7 +641,10 @@ class Controller:
         )
         sizes = {k: getattr(old.xdp, k) for k in MAP_SIZE_KEYS}
         self.config = dataclasses.replace(
-            new, controller=controller, xdp=dataclasses.replace(new.xdp, mode=old.xdp.mode, **sizes)
+            new,
+            controller=controller,
+            xdp=dataclasses.replace(new.xdp, mode=old.xdp.mode, **sizes),
+            cluster=old.cluster,
         )
         log.info(
             "config reloaded from %s%s%s%s",
@@ -673,6 +704,7 @@ class Controller:
             events_lost=self.maps.events_lost(),
             monitor=self.maps.settings.monitor,
             interfaces=interfaces,
+            cluster=None if self.cluster is None else self.cluster.status(),
         )
 
     def _reload_on_signal(self) -> None:

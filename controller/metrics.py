@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,6 +34,7 @@ class Snapshot:
     events_lost: int
     monitor: bool
     interfaces: list[tuple[str, str, bool]] = field(default_factory=list)  # name, mode, ours
+    cluster: dict[str, Any] | None = None  # ClusterSync.status() in cluster mode
 
 
 class ControllerCollector(Collector):
@@ -100,6 +102,47 @@ class ControllerCollector(Collector):
         for name, mode, ours in s.interfaces:
             attached.add_metric([name, mode], 1 if ours else 0)
         yield attached
+        if s.cluster is not None:
+            yield from _cluster(s.cluster)
+
+
+def _cluster(c: dict[str, Any]) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """Cluster mode: whether Redis is reachable, the peers, the queue and the lag."""
+    yield GaugeMetricFamily(
+        "stockade_cluster_degraded",
+        "1 while Redis is unreachable: bans are enforced locally and this node's changes queued.",
+        value=0 if c["state"] == "connected" else 1,
+    )
+    yield GaugeMetricFamily(
+        "stockade_cluster_peers",
+        "Other nodes whose heartbeat was seen recently.",
+        value=sum(1 for p in c["peers"] if p["alive"]),
+    )
+    yield GaugeMetricFamily(
+        "stockade_cluster_queued_events",
+        "Ban events made here and not yet in Redis (replayed when it returns).",
+        value=c["queued"],
+    )
+    if c["last_sync"] is not None:
+        yield GaugeMetricFamily(
+            "stockade_cluster_last_sync_timestamp_seconds",
+            "When this node last exchanged data with Redis.",
+            value=c["last_sync"],
+        )
+    if c["lag"] is not None:
+        yield GaugeMetricFamily(
+            "stockade_cluster_lag_seconds",
+            "From another node publishing a ban event to its being applied here (the last one).",
+            value=c["lag"],
+        )
+    events = CounterMetricFamily(
+        "stockade_cluster_events",
+        "Ban events published by this node and received from others since start.",
+        labels=["direction"],
+    )
+    events.add_metric(["published"], c["published"])
+    events.add_metric(["received"], c["received"])
+    yield events
 
 
 def render(snapshot: Callable[[], Snapshot], extra: CollectorRegistry | None = None) -> bytes:

@@ -14,7 +14,7 @@ import math
 import re
 import sqlite3
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,15 @@ class ReconcileReport:
     updated: int = 0
     removed: int = 0
     failed: int = 0
+
+
+@dataclass(frozen=True)
+class BanChange:
+    """A ban set or lifted by a command on this node (what cluster mode publishes)."""
+
+    action: str  # "ban" or "unban"
+    target: Network
+    ban: Ban | None = None  # the ban as set, for "ban"
 
 
 def _target(text: str) -> Network:
@@ -150,6 +159,16 @@ class BanService:
         # (action, source) -> count since start, for metrics: bans set, lifted, expired
         self.events: collections.Counter[tuple[str, str]] = collections.Counter()
         self.history_retention = history_retention
+        # Called (on the worker thread) after a command changed a ban: cluster mode
+        # publishes it. Changes that came from the cluster never call it, so nothing echoes.
+        self.on_change: Callable[[BanChange], None] | None = None
+
+    def _changed(self, change: BanChange) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(change)
+            except Exception:  # the ban is in force here whatever the publisher does
+                log.exception("cannot hand %s of %s to the cluster", change.action, change.target)
 
     # -- projection ---------------------------------------------------------
     def _mono_expiry(self, expires: float | None) -> int:
@@ -229,6 +248,45 @@ class BanService:
             log.debug("forgot %d ban events older than the history retention", pruned)
         return [b.target for b in expired]
 
+    # -- changes from the cluster (never published again) -----------------------
+    def apply_remote(self, ban: Ban) -> bool:
+        """Set a ban that another node made; False when this exact ban is in force already."""
+        current = self.store.get_ban(ban.target)
+        if (
+            current is not None
+            and current.created == ban.created
+            and current.expires == ban.expires
+        ):
+            return False
+        if not ban.active(self.clock.wall()):
+            return self.remove_remote(ban.target)
+        try:
+            with self.store.transaction():
+                self.store.put_ban(ban)
+                self.store.add_event(BanEvent.of_ban(ban, "ban", ban.created))
+                self.maps.put_ban(ban.target, self._mono_expiry(ban.expires))
+        except MapFullError as exc:
+            log.error("cannot apply the cluster's ban of %s: %s", format_target(ban.target), exc)
+            return False
+        self.events[("ban", ban.source)] += 1
+        return True
+
+    def remove_remote(self, net: Network) -> bool:
+        """Lift a ban that another node lifted; False when it was not banned here."""
+        with self.store.transaction():
+            previous = self.store.get_ban(net)
+            existed = self.store.delete_ban(net)
+            if previous is not None:
+                self.store.add_event(BanEvent.of_ban(previous, "unban", self.clock.wall()))
+            in_map = self.maps.delete_ban(net)
+        if previous is not None:
+            self.events[("unban", previous.source)] += 1
+        return existed or in_map
+
+    def active_bans(self) -> list[Ban]:
+        now = self.clock.wall()
+        return [ban for ban in self.store.bans() if ban.active(now)]
+
     # -- allowlist checks ---------------------------------------------------
     def _allow_covering(self, net: Network) -> tuple[Network, str] | None:
         for allow in self.management:
@@ -302,6 +360,7 @@ class BanService:
             self._restore_map(net, previous)
             raise CommandError(RUNTIME, f"ban store error: {exc}", "check disk space") from None
         self.events[("ban", ban.source)] += 1
+        self._changed(BanChange("ban", net, ban))
         return "updated" if previous is not None and previous.active(ban.created) else "added"
 
     def rule_ban(
@@ -412,6 +471,7 @@ class BanService:
                 NOT_FOUND, f"{format_target(net)} is not banned", "list bans with `stockade bans`"
             )
         self.events[("unban", previous.source if previous is not None else "cli")] += 1
+        self._changed(BanChange("unban", net))
         log.info("unban %s", format_target(net))
         return {"target": format_target(net), "status": "removed"}
 

@@ -13,6 +13,7 @@ action = "ban"                               # log, deny, tarpit or ban
 duration = "10m"                             # how long deny/tarpit last; a first ban's TTL
 ban_factor = 2.0                             # a repeat offender's ban lasts this much longer
 ban_max = "1d"                               # but never longer than this
+scope = "local"                              # or "cluster": counters in Redis, all nodes
 
 [[proxy.anomaly.rules]]
 name = "scanner-agents"
@@ -26,6 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from stockade.cluster_settings import parse_scope
 from stockade.config_fields import ConfigError, Section
 from stockade.durations import DurationError, parse_duration
 
@@ -118,6 +120,7 @@ class AnomalyRule:
     ban_factor: float = 2.0
     ban_max: float = 86400.0
     tarpit_delay: float = 5.0
+    scope: str = "local"  # "cluster": counted in Redis, so a scan spread over nodes adds up
 
     @property
     def metrics(self) -> set[str]:
@@ -170,9 +173,12 @@ def _rule(section: Section) -> AnomalyRule:
         ban_factor=float(factor),
         ban_max=section.duration("ban_max", 86400.0),
         tarpit_delay=section.duration("tarpit_delay", 5.0),
+        scope=parse_scope(section),
     )
     if rule.tarpit_delay > 60:
         raise ConfigError(f"{section.key('tarpit_delay')}: at most 60s")
+    if rule.scope == "cluster" and rule.condition is None:
+        raise ConfigError(f"{section.key('scope')}: a User-Agent rule counts nothing to share")
     if rule.ban_max < rule.duration:
         raise ConfigError(f"{section.key('ban_max')}: shorter than the duration")
     section.finish()

@@ -7,11 +7,13 @@ rate = "100/min"                   # N/s, N/min, N/hour, N/day or N/<duration>
 key = "ip"                         # ip, consumer, api_key, header:NAME, query:NAME
 map = "/etc/stockade/per_ip.map"   # optional: per-key rates, reloaded on change
 all_routes = true                  # else only routes that name it in rate_limits
+scope = "local"                    # or "cluster": counted in Redis across the nodes
 
 [proxy.quotas]
 timezone = "Europe/Berlin"         # where days and months begin
 plan_claim = "plan"                # the JWT claim naming a consumer's plan
 default_plan = "free"              # for consumers without one
+scope = "local"                    # or "cluster": quotas counted and kept in Redis
 [proxy.quotas.plans.free]
 rates = ["10/s"]
 per_day = 1000
@@ -25,6 +27,7 @@ import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
 
+from stockade.cluster_settings import parse_scope
 from stockade.config_fields import ConfigError, Section
 from stockade.durations import DurationError, parse_duration
 
@@ -91,6 +94,7 @@ class LimitRule:
     field: str = ""  # the header or query parameter for those kinds
     map_file: Path | None = None
     all_routes: bool = False
+    scope: str = "local"  # "cluster": counted in Redis, shared by every node
 
     @property
     def pre_auth(self) -> bool:
@@ -126,6 +130,7 @@ class QuotaConfig:
     default_plan: str | None = None
     database: Path = Path("/var/lib/stockade/usage.db")
     max_consumers: int = 100_000
+    scope: str = "local"  # "cluster": counted and kept in Redis, shared by every node
 
     def plan(self, name: str | None) -> Plan | None:
         wanted = name or self.default_plan
@@ -166,6 +171,7 @@ def _limit(name: str, section: Section) -> LimitRule:
         field=field.lower() if kind == "header" else field,
         map_file=section.path("map", Path()) if "map" in section.table else None,
         all_routes=section.get("all_routes", bool, False),
+        scope=parse_scope(section),
     )
     section.finish()
     return rule
@@ -226,6 +232,7 @@ def parse_quotas(section: Section) -> QuotaConfig:
         default_plan=default_plan,
         database=section.path("database", d.database),
         max_consumers=section.integer("max_consumers", d.max_consumers, 16, 10_000_000),
+        scope=parse_scope(section),
     )
     section.finish()
     return config

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from stockade.admin_http import AdminConfig, parse_admin
+from stockade.cluster_settings import ClusterConfig
 from stockade.config_fields import ConfigError, Section
 from stockade.proxy.anomaly_settings import AnomalyConfig, parse_anomaly
 from stockade.proxy.auth_settings import AuthConfig, RouteAuth, parse_auth, parse_route_auth
@@ -157,6 +158,8 @@ class ProxyConfig:
     waf: WafConfig = field(default_factory=WafConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     metrics_dir: Path = Path("/run/stockade/proxy-metrics")  # the workers' metric files
+    # The top-level [cluster] section, copied in by stockade.config (workers count in Redis).
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def worker_count(self) -> int:

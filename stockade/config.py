@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stockade.admin_http import AdminConfig, parse_admin
+from stockade.cluster_settings import ClusterConfig, parse_cluster
 from stockade.config_fields import ConfigError, Section
 from stockade.proxy.settings import ProxyConfig, parse_proxy
 
@@ -78,6 +79,7 @@ class Config:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     xdp: XdpConfig = field(default_factory=XdpConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     path: Path | None = None
 
 
@@ -156,7 +158,7 @@ def _xdp(section: Section) -> XdpConfig:
     return config
 
 
-_SECTIONS = ("controller", "xdp", "proxy")
+_SECTIONS = ("controller", "xdp", "proxy", "cluster")
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
@@ -170,12 +172,34 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     if proxy.anomaly.rules_socket is None:  # the proxy pushes rule bans to this controller
         anomaly = dataclasses.replace(proxy.anomaly, rules_socket=controller.rules_socket)
         proxy = dataclasses.replace(proxy, anomaly=anomaly)
+    cluster = parse_cluster(Section("cluster", data.get("cluster", {})))
+    _check_scopes(proxy, cluster)
     return Config(
         controller=controller,
         xdp=_xdp(Section("xdp", data.get("xdp", {}))),
-        proxy=proxy,
+        proxy=dataclasses.replace(proxy, cluster=cluster),  # the workers count in Redis
+        cluster=cluster,
         path=path,
     )
+
+
+def _check_scopes(proxy: ProxyConfig, cluster: ClusterConfig) -> None:
+    """`scope = "cluster"` anywhere needs a cluster to count in."""
+    if cluster.enabled:
+        return
+    scoped = [
+        f"proxy.rate_limiting.limits.{rule.name}"
+        for rule in proxy.rate_limiting.limits
+        if rule.scope == "cluster"
+    ]
+    if proxy.quotas.scope == "cluster":
+        scoped.append("proxy.quotas")
+    scoped += [f"proxy.anomaly.rules.{r.name}" for r in proxy.anomaly.rules if r.scope == "cluster"]
+    if scoped:
+        raise ConfigError(
+            f'{scoped[0]}.scope: "cluster" needs [cluster] backend = "redis"; '
+            'set it up or use scope = "local"'
+        )
 
 
 def resolve_path(explicit: Path | None) -> tuple[Path, bool]:

@@ -22,6 +22,7 @@ STOCKADE_DEV_PACKAGES=(
     systemd             # systemd-analyze verifies the units (tests/install)
     shellcheck          # checks the shell scripts (tests/install)
     ruby                # `ruby -c` checks the Vagrantfile (tests/install)
+    redis-server        # cluster mode tests start their own (scripts/bootstrap stops the service)
 )
 
 # Prints the packages of "$@" that are not installed, one a line.

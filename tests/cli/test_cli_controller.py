@@ -207,9 +207,11 @@ def test_status_json(ctl: Controller) -> None:
         "bans",
         "allows",
         "syn_rate",
+        "cluster",
         "proxy",
     }
     assert status["proxy"] == {"workers": []}  # no proxy runs in these tests
+    assert status["cluster"]["backend"] == "embedded" and status["cluster"]["state"] == "off"
     assert status["metrics"]["address"] == "127.0.0.1" and status["metrics"]["port"] > 0
     assert status["version"] == __version__
     assert status["pid"] == ctl.pid
@@ -223,12 +225,13 @@ def test_status_json(ctl: Controller) -> None:
     assert set(status["syn_rate"]) == {"rate", "burst", "ipv6_prefix", "events", "recent"}
     interface_fields = {"name", "mode", "prog_id", "ours"}
     assert documented_fields("status") == (
-        flat_keys(status, ("program", "bans", "syn_rate", "proxy")) | interface_fields
+        flat_keys(status, ("program", "bans", "syn_rate", "cluster", "proxy")) | interface_fields
     )
     plain = ctl.cli("status")
     assert plain.returncode == 0
     assert f"controller: running (pid {ctl.pid}" in plain.stdout
     assert "proxy:      not running" in plain.stdout
+    assert "cluster:    off" in plain.stdout
 
 
 # -- bad input: exit 2, one line, nothing changed ----------------------------------
