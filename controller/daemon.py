@@ -52,7 +52,7 @@ from stockade.protocol import (
     decode_request,
     encode,
 )
-from stockade.redis_conn import ClusterAuthError
+from stockade.redis_conn import ClusterAuthError, check_credentials
 from stockade.targets import is_exact
 
 log = logging.getLogger("stockade.controller")
@@ -198,6 +198,10 @@ class Controller:
     # -- start-up -----------------------------------------------------------
     def start(self) -> None:
         ctl = self.config.controller
+        if self.config.cluster.enabled:  # a password Redis refuses stops us before any change
+            error = check_credentials(self.config.cluster)
+            if error is not None:
+                raise StartupError(error)
         if ctl.rules_group is not None:
             try:
                 self._rules_gid = grp.getgrnam(ctl.rules_group).gr_gid

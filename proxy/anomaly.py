@@ -28,6 +28,8 @@ from aiohttp.web_request import BaseRequest
 
 from stockade.proxy.anomaly_settings import AnomalyRule
 from stockade.proxy.ban_client import BanPushError
+from stockade.proxy.cluster_anomaly import SharedAnomaly
+from stockade.proxy.cluster_counters import ClusterCounters
 from stockade.proxy.context import RequestContext
 from stockade.proxy.errors import Refusal
 from stockade.proxy.pipeline_types import Stage
@@ -114,6 +116,7 @@ class AnomalyDetector:
         bans: BanPusher | None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        cluster: ClusterCounters | None = None,
     ) -> None:
         self.settings = config.anomaly
         self.rules = config.anomaly.rules
@@ -127,10 +130,15 @@ class AnomalyDetector:
         self.agents = (
             load_user_agents(config.anomaly.user_agents_file) if self.agent_rules else None
         )
+        # rules with scope = "cluster" count in Redis (proxy/cluster_anomaly.py)
+        self.shared = SharedAnomaly(self, cluster) if cluster is not None else None
+        if self.shared is not None and not self.shared.indexes:
+            self.shared = None
         # (key kind, window) -> metrics the rules need there
         self.needed: dict[tuple[str, float], set[str]] = collections.defaultdict(set)
-        for rule in self.counter_rules:
-            assert rule.condition is not None
+        for index, rule in enumerate(self.rules):
+            if rule.condition is None or (self.shared is not None and self.shared.owns(index)):
+                continue
             self.needed[(rule.key, rule.condition.window)].update(rule.metrics)
         self.count_connections = any("new_connections" in m for m in self.needed.values())
         self.fired: Counter[str] = Counter()  # by rule, for status and metrics
@@ -195,7 +203,7 @@ class AnomalyDetector:
             values[(kind, window)] = self._count(f"{kind}\0{subject}", metrics, window, ctx, now)
         for index, rule in enumerate(self.rules):
             condition = rule.condition
-            if condition is None:
+            if condition is None or (self.shared is not None and self.shared.owns(index)):
                 continue
             observed = values.get((rule.key, condition.window))
             if observed is None:
@@ -206,6 +214,8 @@ class AnomalyDetector:
                 wanted = {t.metric: observed[t.metric] for t in condition.terms}
                 if self.fire(index, subject, wanted, now) and rule.action != "log":
                     self._reset(rule, f"{rule.key}\0{subject}", ctx.path)
+        if self.shared is not None:
+            self.shared.observe(ctx, now)
 
     def _count(
         self, who: str, metrics: set[str], window: float, ctx: RequestContext, now: float
@@ -386,5 +396,7 @@ class AnomalyDetector:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self.shared is not None:
+            await self.shared.close()
         if self.bans is not None:
             await self.bans.close()

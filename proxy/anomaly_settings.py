@@ -179,6 +179,8 @@ def _rule(section: Section) -> AnomalyRule:
         raise ConfigError(f"{section.key('tarpit_delay')}: at most 60s")
     if rule.scope == "cluster" and rule.condition is None:
         raise ConfigError(f"{section.key('scope')}: a User-Agent rule counts nothing to share")
+    if rule.scope == "cluster" and "new_connections" in rule.metrics:
+        raise ConfigError(f"{section.key('scope')}: new_connections is counted per node only")
     if rule.ban_max < rule.duration:
         raise ConfigError(f"{section.key('ban_max')}: shorter than the duration")
     section.finish()

@@ -11,6 +11,7 @@ from stockade.proxy.access_log import AccessLog
 from stockade.proxy.anomaly import DEFAULT_RULES_SOCKET, AnomalyDetector
 from stockade.proxy.auth_setup import build_authenticator
 from stockade.proxy.ban_client import BanClient
+from stockade.proxy.cluster_counters import ClusterCounters, cluster_scoped
 from stockade.proxy.context import RequestContext
 from stockade.proxy.forward import Forwarder, Upstreams
 from stockade.proxy.health import HealthChecker
@@ -46,11 +47,17 @@ class Gateway:
         self.auth = build_authenticator(config.auth, clock)
         self.auth.plan_claim = config.quotas.plan_claim
         self.shared = shared if shared is not None else SharedState.create(config)
-        self.limiter = RateLimiter(config, self.shared.counters, self.shared.quotas)
+        # Redis, for what is counted by every node (None unless something has scope = "cluster")
+        self.cluster = ClusterCounters(config.cluster) if cluster_scoped(config) else None
+        self.limiter = RateLimiter(
+            config, self.shared.counters, self.shared.quotas, cluster=self.cluster
+        )
         ban_rules = any(rule.action == "ban" for rule in config.anomaly.rules)
         socket = config.anomaly.rules_socket or DEFAULT_RULES_SOCKET
         bans = BanClient(socket) if ban_rules else None
-        self.anomaly = AnomalyDetector(config, self.shared.behaviour, self.shared.penalties, bans)
+        self.anomaly = AnomalyDetector(
+            config, self.shared.behaviour, self.shared.penalties, bans, cluster=self.cluster
+        )
         self.usage = (
             UsageWriter(config.quotas.database, self.shared.quotas)
             if self.shared.quotas is not None
@@ -65,6 +72,8 @@ class Gateway:
         self.limiter.on_quota = lambda plan, period: self.metrics.quota_requests.labels(
             plan, period
         ).inc()
+        if self.cluster is not None:
+            self.cluster.on_state = lambda down: self.metrics.cluster_degraded.set(int(down))
         self._limit_counters: list[LimitCounters] = []
         self._synced: dict[str, int] = {}
         self._sync_task: asyncio.Task[None] | None = None
@@ -87,6 +96,7 @@ class Gateway:
             "max_connections": sum(c.connections_refused for c in self._limit_counters),
             "denied_source": self.anomaly.connections_refused,
             "tls": HANDSHAKES.failures,
+            "cluster_fallbacks": self.cluster.fallbacks if self.cluster is not None else 0,
         }
         waf = self.waf.counters
         for action, counts in (("block", waf.blocks), ("detect", waf.detections)):
@@ -97,6 +107,8 @@ class Gateway:
             if delta > 0:
                 if key == "tls":
                     m.tls_handshake_failures.inc(delta)
+                elif key == "cluster_fallbacks":
+                    m.cluster_fallbacks.inc(delta)
                 elif key.startswith("waf\0"):
                     _, action, mode, rule = key.split("\0")
                     m.waf_blocks.labels(mode, rule, action).inc(delta)
@@ -146,6 +158,8 @@ class Gateway:
         if self.usage is not None:
             await self.usage.stop()
         await self.anomaly.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.waf.close()
         await self.access_log.close()
 

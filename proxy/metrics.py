@@ -156,6 +156,18 @@ class ProxyMetrics:
             ["mode", "rule", "action"],
             registry=r,
         )
+        self.cluster_degraded = Gauge(
+            "stockade_proxy_cluster_degraded",
+            "1 while a worker cannot reach Redis: cluster-scoped limits, quotas and anomaly "
+            "counters fall back as [cluster] on_redis_down says.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.cluster_fallbacks = Counter(
+            "stockade_proxy_cluster_fallbacks",
+            "Cluster-scoped checks answered by the fallback because Redis was unreachable.",
+            registry=r,
+        )
         self.tls_handshake_failures = Counter(
             "stockade_proxy_tls_handshake_failures",
             "TLS handshakes that began (a ClientHello was read) and did not complete.",

@@ -162,6 +162,26 @@ class QuotaCounters:
         self.dirty.add(offset)
         return True, used + 1
 
+    def observe(
+        self, consumer: str, plan: str, p: Period, used: int, now: float, mono: float
+    ) -> None:
+        """A count the cluster (Redis) keeps: held here too, so the usage database and
+        `stockade usage` show it, and a fallback while Redis is away goes on from it."""
+        table = self.table
+        key = digest(f"{consumer}\0{p.label}")
+        group, lock = table.locate(key)
+        with lock:
+            offset, new = table.find(key, group, int(mono * 1e9), claim=True)
+            if offset < 0:
+                self.full += 1
+                return
+            q = offset // 8
+            if new:
+                self._name(offset, consumer, plan, p.label)
+                table.quads[q + 2] = int((mono + p.ends - now + RECLAIM_GRACE) * 1e9)
+            table.quads[q + 3] = max(table.quads[q + 3], used)
+        self.dirty.add(offset)
+
     def _name(self, offset: int, consumer: str, plan: str, label: str) -> None:
         text = f"{consumer}\0{plan}\0{label}".encode()[:TEXT_BYTES]
         start = offset + 40

@@ -10,6 +10,14 @@ A refused request gets 429 with Retry-After and the IETF RateLimit-Limit,
 (for the tightest limit) unless `response_headers = false`. A request whose
 key is missing (no such header, no consumer) is limited by its client IP
 under that limit, so leaving the key out is no way around it.
+
+Limits with `scope = "cluster"` (and plan rates and quotas when
+[proxy.quotas] scope = "cluster") are counted in Redis by every node
+(proxy/cluster_counters.py); a route that has any makes its stage wait for
+Redis, the others keep the synchronous local path. While Redis is away they
+fall back as [cluster] on_redis_down says: "local" counts here against the
+limit divided by expected_nodes, "open" lets requests through, "closed"
+refuses them with 503.
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ import math
 import time
 import zoneinfo
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp.web_request import BaseRequest
 
+from stockade.proxy.cluster_counters import ClusterCounters
 from stockade.proxy.context import RequestContext
 from stockade.proxy.errors import Refusal
 from stockade.proxy.pipeline_types import Stage
@@ -53,6 +62,17 @@ def _headers(rate: Rate, remaining: int, reset: float) -> list[tuple[str, str]]:
     ]
 
 
+def _names(rules: tuple[LimitRule, ...]) -> set[str]:
+    return {rule.name for rule in rules}
+
+
+def _unavailable() -> Refusal:
+    """on_redis_down = "closed": a cluster-scoped limit cannot be counted, so refuse."""
+    refusal = Refusal(503, "ratelimit", "cluster_unavailable", "limits cannot be checked now")
+    refusal.headers["Retry-After"] = "1"
+    return refusal
+
+
 def _refusal(reason: str, message: str, rate: Rate, wait: float) -> Refusal:
     refusal = Refusal(429, "ratelimit" if reason.startswith("limit") else "quota", reason, message)
     seconds = str(max(1, math.ceil(wait)))
@@ -69,10 +89,12 @@ class RateLimiter:
         quotas: QuotaCounters | None,
         monotonic: Now = time.monotonic,
         wall: Now = time.time,
+        cluster: ClusterCounters | None = None,
     ) -> None:
         self.config = config
         self.counters = counters
         self.quotas = quotas
+        self.cluster = cluster  # None: every limit counts on this node
         self.monotonic = monotonic
         self.wall = wall
         self.zone = zoneinfo.ZoneInfo(config.quotas.timezone)
@@ -91,6 +113,13 @@ class RateLimiter:
             self.pre[route.name] = tuple(r for r in rules if r.pre_auth)
             self.post[route.name] = tuple(r for r in rules if not r.pre_auth)
         self.plans_used = bool(config.quotas.plans)
+        self.plans_clustered = cluster is not None and config.quotas.scope == "cluster"
+        # routes whose limits wait for Redis (the others stay synchronous)
+        clustered = {r.name for r in config.rate_limiting.limits if r.scope == "cluster"}
+        if cluster is None:
+            clustered = set()
+        self.pre_clustered = {n for n, rules in self.pre.items() if clustered & _names(rules)}
+        self.post_clustered = {n for n, rules in self.post.items() if clustered & _names(rules)}
         self.on_quota: Callable[[str, str], None] | None = None  # (plan, period): metrics
 
     # -- one limit ------------------------------------------------------------
@@ -137,6 +166,108 @@ class RateLimiter:
             tightest = self._apply(rule.name, rate, subject, now, tightest)
         return tightest
 
+    # -- the cluster path (scope = "cluster") -----------------------------------
+    async def _apply_cluster(
+        self, name: str, rate: Rate, subject: str, now: float, tightest: Tightest | None
+    ) -> Tightest | None:
+        assert self.cluster is not None
+        key = digest(f"{name}\0{rate.window:g}\0{subject}").hex()
+        result = await self.cluster.limit(key, rate.window, 1, rate.count)
+        if result is None:  # Redis unavailable
+            fallback = self.config.cluster.on_redis_down
+            if fallback == "open":
+                return tightest
+            if fallback == "closed":
+                raise _unavailable()
+            share = max(1, rate.count // self.config.cluster.expected_nodes)
+            return self._apply(name, Rate(share, rate.window, rate.text), subject, now, tightest)
+        allowed, total, seconds = result
+        if not allowed:
+            self.refused[name] += 1
+            raise _refusal(f"limit:{name}", f"rate limit {rate.text} exceeded", rate, seconds)
+        remaining = rate.count - total
+        if tightest is None or remaining < tightest.remaining:
+            return Tightest(rate, remaining, seconds)
+        return tightest
+
+    async def _run_cluster(
+        self,
+        rules: tuple[LimitRule, ...],
+        request: BaseRequest,
+        ctx: RequestContext,
+        tightest: Tightest | None,
+    ) -> Tightest | None:
+        now = self.monotonic()
+        for rule in rules:
+            subject = self._subject(rule, request, ctx)
+            rate = rule.rate
+            if rule.map_file is not None:
+                rate = self.maps[rule.name].rate(subject.removeprefix("="))
+            if rule.scope == "cluster":
+                tightest = await self._apply_cluster(rule.name, rate, subject, now, tightest)
+            else:
+                tightest = self._apply(rule.name, rate, subject, now, tightest)
+        return tightest
+
+    async def _pre_cluster(self, request: BaseRequest, ctx: RequestContext) -> None:
+        assert ctx.route is not None
+        ctx.tightest = await self._run_cluster(self.pre[ctx.route.name], request, ctx, None)
+        self._publish(ctx, ctx.tightest)
+
+    async def _post_cluster(
+        self, request: BaseRequest, ctx: RequestContext, plan: Plan | None
+    ) -> None:
+        assert ctx.route is not None
+        tightest = ctx.tightest
+        rules = self.post[ctx.route.name]
+        if rules:
+            tightest = await self._run_cluster(rules, request, ctx, tightest)
+        if plan is not None and ctx.consumer is not None:
+            now = self.monotonic()
+            subject = f"={consumer_id(ctx.consumer)}"
+            for i, rate in enumerate(plan.rates):
+                name = f"plan:{plan.name}:{i}"
+                tightest = await self._apply_cluster(name, rate, subject, now, tightest)
+            await self._quota_cluster(ctx.consumer, plan)
+        ctx.tightest = tightest
+        self._publish(ctx, tightest)
+
+    async def _quota_cluster(self, consumer: str, plan: Plan) -> None:
+        assert self.cluster is not None
+        wall, mono = self.wall(), self.monotonic()
+        who = consumer_id(consumer)
+        for kind, quota in ((DAY, plan.per_day), (MONTH, plan.per_month)):
+            if not quota:
+                continue
+            p = period(kind, wall, self.zone)
+            result = await self.cluster.quota(who, p.label, quota, p.ends)
+            if result is None:  # Redis unavailable: as on_redis_down says
+                fallback = self.config.cluster.on_redis_down
+                if fallback == "closed":
+                    raise _unavailable()
+                if fallback == "open" or self.quotas is None:
+                    continue
+                # go on from the last cluster count this node saw (kept in its table)
+                allowed, _used = self.quotas.consume(who, plan.name, p, quota, wall, mono)
+            else:
+                allowed, used = result
+                if self.quotas is not None:  # so `stockade usage` shows the cluster's count
+                    self.quotas.observe(who, plan.name, p, used, wall, mono)
+            self._counted_quota(allowed, plan, kind, quota, p.ends - wall)
+
+    def _counted_quota(self, allowed: bool, plan: Plan, kind: str, quota: int, left: float) -> None:
+        if allowed and self.on_quota is not None:
+            self.on_quota(plan.name, kind)
+        if not allowed:
+            self.refused[f"quota:{kind}"] += 1
+            window = 86400.0 if kind == DAY else 30 * 86400.0
+            raise _refusal(
+                f"quota:{kind}",
+                f"{kind}ly quota of {quota} requests used up ({plan.name} plan)",
+                Rate(quota, window, f"{quota}/{kind}"),
+                left,
+            )
+
     def _publish(self, ctx: RequestContext, tightest: Tightest | None) -> None:
         if tightest is not None and self.config.rate_limiting.response_headers:
             ctx.response_headers = [
@@ -145,22 +276,29 @@ class RateLimiter:
 
     # -- stages -----------------------------------------------------------------
     def pre_auth_stage(self) -> Stage:
-        def rate_limit_stage(request: BaseRequest, ctx: RequestContext) -> None:
+        def rate_limit_stage(request: BaseRequest, ctx: RequestContext) -> Awaitable[None] | None:
             assert ctx.route is not None, "the path stage runs first"
+            if ctx.route.name in self.pre_clustered:
+                return self._pre_cluster(request, ctx)
             rules = self.pre[ctx.route.name]
             if rules:
                 ctx.tightest = self._run(rules, request, ctx, None)
                 self._publish(ctx, ctx.tightest)
+            return None
 
         return rate_limit_stage
 
     def post_auth_stage(self) -> Stage:
-        def consumer_limit_stage(request: BaseRequest, ctx: RequestContext) -> None:
+        def consumer_limit_stage(
+            request: BaseRequest, ctx: RequestContext
+        ) -> Awaitable[None] | None:
             assert ctx.route is not None, "the path stage runs first"
             rules = self.post[ctx.route.name]
             plan = self._plan(ctx)
             if not rules and plan is None:
-                return
+                return None
+            if ctx.route.name in self.post_clustered or (plan is not None and self.plans_clustered):
+                return self._post_cluster(request, ctx, plan)
             tightest = ctx.tightest
             if rules:
                 tightest = self._run(rules, request, ctx, tightest)
@@ -172,6 +310,7 @@ class RateLimiter:
                 self._quota(ctx.consumer, plan)
             ctx.tightest = tightest
             self._publish(ctx, tightest)
+            return None
 
         return consumer_limit_stage
 

@@ -36,6 +36,7 @@ from stockade.proxy.anomaly import UserAgentListError, load_user_agents
 from stockade.proxy.api_keys import ApiKeyError
 from stockade.proxy.app import Gateway
 from stockade.proxy.auth_setup import AuthSetupError, api_key_entries, issuer_configs
+from stockade.proxy.cluster_counters import cluster_scoped
 from stockade.proxy.context import reset_request_ids
 from stockade.proxy.limits import GuardedAppRunner, LimitCounters, handler_kwargs
 from stockade.proxy.metrics import check_writable, enable_multiprocess, record_build_info
@@ -54,6 +55,7 @@ from stockade.proxy.status import (
 )
 from stockade.proxy.tls import ServerTls, TlsConfigError
 from stockade.proxy.waf.firewall import WafLoadError, check_waf
+from stockade.redis_conn import check_credentials
 
 log = logging.getLogger("stockade.proxy")
 
@@ -288,6 +290,10 @@ def validate(config: ProxyConfig) -> None:
         check_waf(config)
     except WafLoadError as exc:
         raise ProxyStartupError(str(exc)) from None
+    if cluster_scoped(config):  # a password Redis refuses stops the start (unreachable: logged)
+        error = check_credentials(config.cluster)
+        if error is not None:
+            raise ProxyStartupError(error)
 
 
 class Master:

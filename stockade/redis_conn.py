@@ -5,6 +5,8 @@ Shared by the controller (ban sync) and the proxy's workers (cluster counters).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -12,7 +14,16 @@ from redis.exceptions import AuthenticationError, RedisError
 
 from stockade.cluster_settings import ClusterConfig
 
-__all__ = ["ClusterAuthError", "RedisError", "connect", "describe_error", "is_auth_error"]
+__all__ = [
+    "ClusterAuthError",
+    "RedisError",
+    "check_credentials",
+    "connect",
+    "describe_error",
+    "is_auth_error",
+]
+
+log = logging.getLogger("stockade.cluster")
 
 
 class ClusterAuthError(RuntimeError):
@@ -68,3 +79,33 @@ def describe_error(exc: BaseException) -> str:
         return "timed out"
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+def check_credentials(config: ClusterConfig) -> str | None:
+    """At start, before anything changes (controller, proxy master): a password Redis
+    refuses is an error message; an unreachable Redis is only logged (both go on
+    without it until it answers)."""
+
+    async def ping() -> str | None:
+        client = connect(config)
+        try:
+            async with asyncio.timeout(config.timeout * 2):
+                await client.ping()
+        except Exception as exc:
+            if is_auth_error(exc):
+                return (
+                    f"cluster.url: Redis at {config.shown_url()} refused the password "
+                    f"({describe_error(exc)}); check the password in cluster.url or "
+                    "cluster.password_file"
+                )
+            log.warning(
+                "cluster: Redis at %s unreachable at start (%s); going on without it "
+                "until it answers",
+                config.shown_url(),
+                describe_error(exc),
+            )
+        finally:
+            await client.aclose()
+        return None
+
+    return asyncio.run(ping())

@@ -100,6 +100,13 @@ def test_scope_values_are_checked() -> None:
     agents = {"rules": [{"name": "ua", "user_agents": True, "action": "deny", "scope": "cluster"}]}
     with pytest.raises(ConfigError, match="User-Agent rule counts nothing"):
         parse_config({"proxy": {"anomaly": agents}, **cluster()})
+    conns = {
+        "rules": [
+            {"name": "c", "when": "new_connections > 9 in 1m", "action": "deny", "scope": "cluster"}
+        ]
+    }
+    with pytest.raises(ConfigError, match="new_connections is counted per node only"):
+        parse_config({"proxy": {"anomaly": conns}, **cluster()})
 
 
 def test_passwords_never_shown() -> None:
