@@ -6,10 +6,12 @@ the controller) --veth--> upstream ns (HTTP on 198.18.1.10 / fd00:19::10:8080).
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from controller_harness import (
@@ -179,6 +181,46 @@ def test_no_window_during_restart(lab: Lab, ctl: RunningController) -> None:
     attempts = watch_during(lab.client_ns, C1, UP4, PORT, 12, 0.01, restart_controller)
     assert len(attempts) > 20
     assert not any(ok for _, ok in attempts), "a banned client got through during the restart"
+
+
+def test_upgrade_replaces_the_program_and_no_banned_packet_passes(
+    lab: Lab, ctl: RunningController
+) -> None:
+    """An upgrade is a restart that loads a new program: the ban holds across the swap.
+
+    A banned source tries to connect every 5 ms while the controller stops and a new
+    one compiles, loads and attaches its own program against the pinned maps. No
+    attempt may succeed, and the kernel must have dropped (as drop_ban, and on the
+    ban's own counter) at least one packet per attempt.
+    """
+    ctl.cli("ban", C1, "--reason", "upgrade test")
+
+    def status() -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(ctl.cli("status", "--json").stdout)
+        return result
+
+    def ban_packets() -> int:
+        bans = json.loads(ctl.cli("bans", "--json").stdout)
+        return sum(int(b["packets"]) for b in bans if b["target"] == C1)
+
+    old = status()
+    old_ids = {old["program"]["id"]} | {i["prog_id"] for i in old["interfaces"]}
+    assert len(old_ids) == 1 and 0 not in old_ids, old
+    drops_before, ban_before = ctl.counters()["drop_ban"], ban_packets()
+
+    def upgrade() -> None:
+        stop(ctl.proc)  # SIGTERM: the old program stays attached and keeps dropping
+        restart(ctl)  # the new controller loads its program and swaps it in
+
+    attempts = watch_during(lab.client_ns, C1, UP4, PORT, 10, 0.005, upgrade)
+    new = status()
+    assert new["program"]["id"] not in old_ids, "the program was not replaced"
+    assert [i["prog_id"] for i in new["interfaces"]] == [new["program"]["id"]], new
+    assert len(attempts) > 20
+    assert not any(ok for _, ok in attempts), "a banned packet passed during the upgrade"
+    dropped = ctl.counters()["drop_ban"] - drops_before
+    assert dropped >= len(attempts), (dropped, len(attempts))
+    assert ban_packets() - ban_before >= len(attempts)
 
 
 def test_monitor_mode_counts_but_never_drops(lab: Lab, tmp_path: Path) -> None:
