@@ -12,10 +12,10 @@
 
 /* Bumped whenever a pinned map's key, value or type changes: bcc does not
  * type-check pinned maps, so a new layout must live in a new directory. */
-#define STOCKADE_LAYOUT_VERSION 1
+#define STOCKADE_LAYOUT_VERSION 2
 
 #ifndef PIN_DIR
-#define PIN_DIR "/sys/fs/bpf/stockade/v1"
+#define PIN_DIR "/sys/fs/bpf/stockade/v2"
 #endif
 
 #ifndef MAX_BANS_V4
@@ -41,7 +41,15 @@
 #define EVENTS_PAGES 64
 #endif
 
-/* Verdict reasons: index into the counters map. Never renumber a reason;
+/* Interface slots in the counters map: a packet is counted in slot
+ * ingress_ifindex % IF_SLOTS, so counting per interface needs no hash
+ * lookup. Interfaces whose ifindex share a slot share its counters (the
+ * controller warns and labels them together). A power of two, so the modulo
+ * is a mask. Part of the counters map's shape: changing it changes the
+ * layout (bump STOCKADE_LAYOUT_VERSION), so it is not a -D option. */
+#define IF_SLOTS 64
+
+/* Verdict reasons: index into the counters map, within a slot. Never renumber a reason;
  * retire it and add a new one at the end. */
 enum stockade_reason {
 	REASON_PASS = 0,      /* evaluated, nothing matched */
@@ -137,7 +145,9 @@ struct rate_event {
 
 /* Maps. Only the ring buffer is not pinned: it belongs to one load. */
 BPF_TABLE_PINNED("array", u32, struct stockade_config, config, 1, PIN_DIR "/config");
-BPF_TABLE_PINNED("percpu_array", u32, struct counter, counters, REASON_MAX, PIN_DIR "/counters");
+/* counters[slot * REASON_MAX + reason], slot = ingress_ifindex % IF_SLOTS. */
+BPF_TABLE_PINNED("percpu_array", u32, struct counter, counters, IF_SLOTS * REASON_MAX,
+		 PIN_DIR "/counters");
 /* events_lost[0]: ring-buffer reservations that failed. */
 BPF_TABLE_PINNED("percpu_array", u32, u64, events_lost, 1, PIN_DIR "/events_lost");
 BPF_TABLE_PINNED("hash", struct addr_v4, struct ban_value, ban_v4, MAX_BANS_V4, PIN_DIR "/ban_v4");

@@ -2,7 +2,7 @@
  *
  * Per packet: parse Ethernet (up to two VLAN tags), IPv4/IPv6 -> allowlist
  * -> bans (exact, then prefix) -> SYN token bucket -> one exit that counts
- * the verdict by reason.
+ * the verdict by ingress interface slot and reason.
  *
  * Policy on odd packets:
  *  - Truncated or invalid headers PASS as REASON_MALFORMED: the kernel's own
@@ -31,6 +31,8 @@
 #define MAX_REFILL_NS (1000ULL * NS_PER_SEC)
 
 #define L4_NONE 256 /* no L4 header to inspect */
+
+_Static_assert((IF_SLOTS & (IF_SLOTS - 1)) == 0, "IF_SLOTS must be a power of two");
 
 /* IPv4 fragment bits of frag_off (host order) */
 #define IPV4_MF 0x2000
@@ -423,8 +425,15 @@ int xdp_stockade(struct xdp_md *ctx)
 	if (cfg)
 		reason = classify(ctx, cfg, bytes);
 
-	/* The one exit: every packet is counted by reason. */
-	struct counter *cnt = counters.lookup(&reason);
+	/* The one exit: every packet is counted by interface slot and reason.
+	 * bounds: the mask keeps the slot below IF_SLOTS and classify() returns
+	 * a reason below REASON_MAX, so the index is below IF_SLOTS *
+	 * REASON_MAX, the size of the map. The verifier does not need to know:
+	 * an array lookup checks its index at run time and returns NULL past
+	 * the end, and the NULL check below is the one it asks for. */
+	__u32 slot = ctx->ingress_ifindex & (IF_SLOTS - 1);
+	__u32 index = slot * REASON_MAX + reason;
+	struct counter *cnt = counters.lookup(&index);
 	/* NULL check; per-CPU slot, so plain adds without atomics */
 	if (cnt) {
 		cnt->packets += 1;

@@ -38,9 +38,9 @@ from stockade import __version__
 from stockade.admin_http import AdminError, AdminServer
 from stockade.clock import Clock, SystemClock
 from stockade.config import Config, ConfigError, load_config
-from stockade.controller import layout, loader, metrics, xdp_attach
+from stockade.controller import ifslots, layout, loader, metrics, xdp_attach
 from stockade.controller.cluster import ClusterSync, embedded_status
-from stockade.controller.maps import BpfMaps, RuntimeSettings
+from stockade.controller.maps import BpfMaps, Hits, RuntimeSettings
 from stockade.controller.service import BanService
 from stockade.controller.store import BanStore
 from stockade.protocol import (
@@ -190,6 +190,7 @@ class Controller:
         self._rules_gid: int | None = None
         self.admin: AdminServer | None = None
         self.cluster: ClusterSync | None = None  # cluster mode ([cluster] backend = "redis")
+        self.slots = ifslots.InterfaceSlots()  # interface -> counters slot
         # Every command and sweep runs on this one thread: map and store
         # writes never interleave, and the event loop stays free (pyroute2's
         # sync API runs an event loop of its own, which needs another thread).
@@ -256,6 +257,7 @@ class Controller:
             except xdp_attach.AttachError as exc:
                 raise StartupError(str(exc)) from None
             log.info("XDP program %d on %s (%s mode)", state.prog_id, ifname, state.mode)
+        self.slots.labels(self.config.xdp.interfaces)  # warns now if two share a slot
         if self.dry_run or self.config.xdp.monitor:
             log.warning("monitor mode: verdicts are counted but nothing is dropped")
         self.program.bpf[b"events"].open_ring_buffer(self._on_event)
@@ -342,8 +344,14 @@ class Controller:
         assert self.service is not None and self.maps is not None
         return {
             **self.service.stats(),
+            "by_interface": ifslots.stats_rows(self._counters_by_interface()),
             "events": {"syn_rate": self.state.syn_events, "lost": self.maps.events_lost()},
         }
+
+    def _counters_by_interface(self) -> dict[str, dict[str, Hits]]:
+        assert self.maps is not None
+        labels = self.slots.labels(self.config.xdp.interfaces)
+        return ifslots.by_interface(self.maps.counter_slots(), labels)
 
     def _interfaces(self) -> list[dict[str, Any]]:
         assert self.program is not None
@@ -631,6 +639,7 @@ class Controller:
         self.service.management = tuple(new.xdp.management_networks)
         self.service.history_retention = new.controller.history_retention
         self.service.reconcile()
+        self.slots.labels(new.xdp.interfaces)  # warns now if two share a slot
         logging.getLogger("stockade").setLevel(new.controller.log_level.upper())
         # what needs a restart keeps its running value
         controller = dataclasses.replace(
@@ -700,7 +709,7 @@ class Controller:
             if "error" not in row:
                 interfaces.append((str(row["name"]), str(row["mode"]), bool(row["ours"])))
         return metrics.Snapshot(
-            counters=self.maps.counters(),
+            counters=self._counters_by_interface(),
             bans=dict(bans),
             allows=len(self.maps.allows()),
             events=dict(self.service.events),

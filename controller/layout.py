@@ -134,6 +134,39 @@ def layout_version() -> int:
     return int(match.group(1))
 
 
+@cache
+def if_slots() -> int:
+    """IF_SLOTS: the interface slots of the counters map, from the header."""
+    match = re.search(r"#define\s+IF_SLOTS\s+(\d+)", header_text())
+    if match is None:
+        raise RuntimeError(f"IF_SLOTS not found in {HEADER}")
+    return int(match.group(1))
+
+
+@cache
+def reason_max() -> int:
+    """REASON_MAX: the counters of one interface slot, from the header."""
+    match = re.search(r"^\s*REASON_MAX\s*=\s*(\d+)\s*,", header_text(), re.M)
+    if match is None:
+        raise RuntimeError(f"REASON_MAX not found in {HEADER}")
+    return int(match.group(1))
+
+
+def if_slot(ifindex: int) -> int:
+    """The counters slot the program uses for packets arriving on ifindex."""
+    return ifindex % if_slots()
+
+
+def counter_index(slot: int, reason: int) -> int:
+    """The counters map index of one (interface slot, reason code)."""
+    return slot * reason_max() + reason
+
+
+def counters_size() -> int:
+    """max_entries of the counters map."""
+    return if_slots() * reason_max()
+
+
 def reason_names() -> list[str]:
     """Reason names ordered by code, so index i is reason code i."""
     table = reasons()

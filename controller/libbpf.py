@@ -160,8 +160,28 @@ def prog_id(fd: int) -> int:
     return int(info.id)
 
 
-def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRunResult:
-    """Run an XDP program on one frame with BPF_PROG_TEST_RUN."""
+class XdpMd(ctypes.Structure):
+    """The UAPI struct xdp_md, passed as ctx_in to choose the ingress interface."""
+
+    _fields_ = (
+        ("data", ctypes.c_uint32),
+        ("data_end", ctypes.c_uint32),
+        ("data_meta", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("rx_queue_index", ctypes.c_uint32),
+        ("egress_ifindex", ctypes.c_uint32),
+    )
+
+
+def prog_test_run(
+    prog_fd: int, packet: bytes, repeat: int = 1, ingress_ifindex: int | None = None
+) -> TestRunResult:
+    """Run an XDP program on one frame with BPF_PROG_TEST_RUN.
+
+    Without ingress_ifindex the kernel runs it as if received on loopback
+    (ifindex 1); with it, as if received on that interface of the caller's
+    network namespace (queue 0), which must exist.
+    """
     data_in = ctypes.create_string_buffer(packet, len(packet))
     out_size = len(packet) + 256
     data_out = ctypes.create_string_buffer(out_size)
@@ -173,6 +193,11 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRunResult
         data_size_out=out_size,
         repeat=repeat,
     )
+    if ingress_ifindex is not None:
+        # the kernel wants data = 0 and data_end = the frame's length (no metadata)
+        ctx = XdpMd(data=0, data_end=len(packet), ingress_ifindex=ingress_ifindex)
+        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(XdpMd)
     _check(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
     return TestRunResult(
         retval=opts.retval,

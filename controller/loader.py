@@ -54,6 +54,7 @@ class ProgramSettings:
             "allow_v4": self.max_allow,
             "allow_v6": self.max_allow,
             "syn_buckets": self.max_rate_sources,
+            "counters": layout.counters_size(),
         }
 
     def cflags(self) -> list[str]:

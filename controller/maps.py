@@ -52,6 +52,16 @@ class MapBackend(Protocol):
     def delete_allow(self, net: Network) -> bool: ...
     def apply_settings(self, settings: RuntimeSettings) -> None: ...
     def counters(self) -> dict[str, Hits]: ...
+    def counter_slots(self) -> dict[int, dict[str, Hits]]: ...
+
+
+def by_reason(slots: dict[int, dict[str, Hits]]) -> dict[str, Hits]:
+    """Every reason's counters summed over the interface slots (zeros included)."""
+    out = {}
+    for name in layout.reasons():
+        hits = [row[name] for row in slots.values() if name in row]
+        out[name] = Hits(sum(h.packets for h in hits), sum(h.bytes for h in hits))
+    return out
 
 
 def _net_from(family_v6: bool, raw: bytes, prefixlen: int) -> Network:
@@ -210,14 +220,26 @@ class BpfMaps:
 
     # -- counters -----------------------------------------------------------
     def counters(self) -> dict[str, Hits]:
+        """Counters by reason, all interfaces together."""
+        return by_reason(self.counter_slots())
+
+    def counter_slots(self) -> dict[int, dict[str, Hits]]:
+        """Counters by interface slot (ingress ifindex % IF_SLOTS), then reason.
+
+        Per-CPU values are summed; a slot that never counted a packet is left out.
+        """
         table = self._t["counters"]
         out = {}
-        for name, code in layout.reasons().items():
-            per_cpu = table[ctypes.c_uint32(code)]
-            out[name] = Hits(
-                packets=sum(int(c.packets) for c in per_cpu),
-                bytes=sum(int(c.bytes) for c in per_cpu),
-            )
+        for slot in range(layout.if_slots()):
+            row = {}
+            for name, code in layout.reasons().items():
+                per_cpu = table[ctypes.c_uint32(layout.counter_index(slot, code))]
+                row[name] = Hits(
+                    packets=sum(int(c.packets) for c in per_cpu),
+                    bytes=sum(int(c.bytes) for c in per_cpu),
+                )
+            if any(h.packets for h in row.values()):
+                out[slot] = row
         return out
 
     def events_lost(self) -> int:
@@ -263,4 +285,7 @@ class DryRunMaps:
         self.settings = settings
 
     def counters(self) -> dict[str, Hits]:
-        return {name: Hits() for name in layout.reasons()}
+        return by_reason(self.counter_slots())
+
+    def counter_slots(self) -> dict[int, dict[str, Hits]]:
+        return {}  # no program, no packets

@@ -26,7 +26,7 @@ VERDICTS = {"drop_ban": "drop", "drop_rate": "drop"}
 
 @dataclass
 class Snapshot:
-    counters: dict[str, Hits]
+    counters: dict[str, dict[str, Hits]]  # interface label -> reason -> hits (ifslots.py)
     bans: dict[tuple[str, str, str], int]  # (source, kind, family) -> active bans
     allows: int
     events: dict[tuple[str, str], int]  # (action, source) -> since start
@@ -45,18 +45,20 @@ class ControllerCollector(Collector):
         s = self.snapshot()
         packets = CounterMetricFamily(
             "stockade_xdp_packets",
-            "Packets the XDP program saw, by reason and verdict (all interfaces).",
-            labels=["reason", "verdict"],
+            "Packets the XDP program saw, by reason, verdict and ingress interface "
+            '(interfaces sharing a counters slot are one label, "eth0+eth1").',
+            labels=["reason", "verdict", "interface"],
         )
         octets = CounterMetricFamily(
             "stockade_xdp_bytes",
-            "Bytes the XDP program saw, by reason and verdict (all interfaces).",
-            labels=["reason", "verdict"],
+            "Bytes the XDP program saw, by reason, verdict and ingress interface.",
+            labels=["reason", "verdict", "interface"],
         )
-        for reason, hits in sorted(s.counters.items()):
-            verdict = VERDICTS.get(reason, "pass")
-            packets.add_metric([reason, verdict], hits.packets)
-            octets.add_metric([reason, verdict], hits.bytes)
+        for interface, row in sorted(s.counters.items()):
+            for reason, hits in sorted(row.items()):
+                verdict = VERDICTS.get(reason, "pass")
+                packets.add_metric([reason, verdict, interface], hits.packets)
+                octets.add_metric([reason, verdict, interface], hits.bytes)
         yield packets
         yield octets
         bans = GaugeMetricFamily(

@@ -89,6 +89,11 @@ def test_reason_codes_are_dense_and_fill_the_counters_map(program: Program) -> N
     codes = layout.reasons()
     assert set(codes) == {"pass", "allow", "drop_ban", "drop_rate", "malformed", "non_ip"}
     assert sorted(codes.values()) == list(range(len(codes)))
-    # REASON_MAX sizes the counters map: one slot per reason, none missing
-    assert len(program.loaded.table("counters")) == len(codes)
+    # REASON_MAX sizes each interface slot of the counters map: one counter per
+    # reason, none missing, in each of IF_SLOTS slots
+    assert layout.reason_max() == len(codes)
+    assert len(program.loaded.table("counters")) == layout.if_slots() * len(codes)
+    assert layout.counters_size() == len(program.loaded.table("counters"))
+    slots = layout.if_slots()
+    assert slots > 0 and slots & (slots - 1) == 0, "IF_SLOTS must be a power of two"
     assert layout.reason_names() == sorted(codes, key=codes.__getitem__)

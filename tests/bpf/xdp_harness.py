@@ -100,9 +100,12 @@ class Xdp:
         self.bytes = 0
 
     # -- running frames -----------------------------------------------------
-    def run(self, frame: bytes) -> int:
-        """Run one frame through the program; returns the XDP verdict."""
-        result = libbpf.prog_test_run(self.fd, frame)
+    def run(self, frame: bytes, ingress_ifindex: int | None = None) -> int:
+        """Run one frame through the program; returns the XDP verdict.
+
+        It arrives on loopback unless ingress_ifindex names another interface.
+        """
+        result = libbpf.prog_test_run(self.fd, frame, ingress_ifindex=ingress_ifindex)
         self.frames += 1
         self.bytes += len(frame)
         return result.retval
@@ -114,14 +117,23 @@ class Xdp:
     def counters(self) -> dict[str, Hits]:
         return self.maps.counters()
 
-    def counter_at(self, code: int) -> Hits:
-        """The counters map read by index, summed over CPUs."""
-        per_cpu = self.table("counters")[ctypes.c_uint32(code)]
+    def counter_at(self, slot: int, code: int) -> Hits:
+        """One (interface slot, reason) of the counters map read by index, summed over CPUs."""
+        per_cpu = self.table("counters")[ctypes.c_uint32(layout.counter_index(slot, code))]
         return Hits(sum(int(c.packets) for c in per_cpu), sum(int(c.bytes) for c in per_cpu))
 
+    def reason_at(self, code: int) -> Hits:
+        """One reason summed over every interface slot, read by index."""
+        hits = [self.counter_at(slot, code) for slot in range(layout.if_slots())]
+        return Hits(sum(h.packets for h in hits), sum(h.bytes for h in hits))
+
     def all_counters(self) -> list[Hits]:
-        """Every slot of the counters map, by index."""
-        return [self.counter_at(code) for code in range(len(self.table("counters")))]
+        """Every reason, by code, summed over the interface slots."""
+        return [self.reason_at(code) for code in range(layout.reason_max())]
+
+    def slot_counters(self) -> dict[int, dict[str, Hits]]:
+        """The interface slots that counted something (as the controller reads them)."""
+        return self.maps.counter_slots()
 
     def config(self) -> layout.StockadeConfig:
         raw = self.table("config")[ctypes.c_uint32(0)]

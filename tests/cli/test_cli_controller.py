@@ -182,13 +182,17 @@ def test_allow_add_list_remove(ctl: Controller) -> None:
 
 def test_stats_json(ctl: Controller) -> None:
     stats = ctl.ok_json("stats")
-    assert set(stats) == {"reasons", "total_packets", "events"}
+    assert set(stats) == {"reasons", "total_packets", "by_interface", "events"}
     assert set(stats["reasons"]) == set(layout.reasons())
     for counts in stats["reasons"].values():
         assert set(counts) == {"packets", "bytes"}
         assert all(isinstance(v, int) and v >= 0 for v in counts.values())
     assert stats["total_packets"] == sum(c["packets"] for c in stats["reasons"].values())
     assert set(stats["events"]) == {"syn_rate", "lost"}
+    # no interface configured here: everything the program saw is "other"
+    assert stats["by_interface"] == {
+        "other": {"reasons": stats["reasons"], "total_packets": stats["total_packets"]}
+    }
     assert documented_fields("stats") == flat_keys(stats, ("events",)) | set(layout.reasons())
     plain = ctl.cli("stats")
     assert plain.returncode == 0 and "drop_ban" in plain.stdout

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stockade.cli.client import ControllerUnavailable, call, wait_until_serving
+from stockade.controller import layout
 from stockade.lab.netns_exec import popen_in_netns, python_argv, run_in_netns
 
 STOCKADE = [sys.executable, "-m", "stockade.cli.main"]
@@ -105,7 +106,9 @@ def running_controller(
     write_config(config_path, tmp, pin_root, netns, ifname, **xdp)
     log_path = tmp / "controller.log"
     proc = start(config_path, log_path, *extra)
-    ctl = RunningController(config_path, tmp / "control.sock", pin_root / "v1", log_path, proc)
+    ctl = RunningController(
+        config_path, tmp / "control.sock", pin_root / f"v{layout.layout_version()}", log_path, proc
+    )
     try:
         wait_ready(ctl.socket, proc, log_path)
         yield ctl

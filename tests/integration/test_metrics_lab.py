@@ -228,6 +228,21 @@ def test_known_traffic_moves_the_metrics_by_exactly_that_much(gateway: Gateway) 
 
     assert kernel_moved("stockade_xdp_packets_total", reason="drop_ban", verdict="drop") == M
     assert kernel_moved("stockade_xdp_bytes_total", reason="drop_ban") == M * FRAME
+    # counted by ingress interface: all of it on the lab gateway's, none elsewhere
+    gw_if = {"interface": lab.gateway_if}
+    assert kernel_moved("stockade_xdp_packets_total", reason="drop_ban", **gw_if) == M
+    assert kernel_moved("stockade_xdp_bytes_total", reason="drop_ban", **gw_if) == M * FRAME
+    assert kernel_moved("stockade_xdp_packets_total", interface="other") == 0
+    assert {
+        dict(labels)["interface"]
+        for name, labels in kernel
+        if name.endswith("packets_total") and name.startswith("stockade_xdp")
+    } == {lab.gateway_if, "other"}
+    # `stockade stats --json` gives the same breakdown
+    stats = ctl.api("stats")
+    assert stats["by_interface"][lab.gateway_if]["reasons"]["drop_ban"]["packets"] == M
+    assert stats["by_interface"][lab.gateway_if]["reasons"]["pass"]["packets"] > 0
+    assert stats["by_interface"][lab.gateway_if]["total_packets"] == stats["total_packets"]
     active = {"source": "cli", "kind": "exact", "family": "ipv4"}
     assert kernel_moved("stockade_bans_active", **active) == 1
     assert kernel_moved("stockade_ban_events_total", action="ban", source="cli") == 1
