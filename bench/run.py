@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import flood, jwt, l7, report, waf, xdp_cost
+from bench import cluster, flood, jwt, l7, report, waf, xdp_cost
 from bench.common import BENCH_DIR
 
 
@@ -42,6 +42,7 @@ def main() -> int:
         "l7": l7.main,
         "jwt": jwt.main,
         "waf": waf.main,
+        "cluster": cluster.main,
     }
     failed = [name for name, case in cases.items() if not run_case(name, case)]
     path = report.write_readme()

@@ -1,0 +1,355 @@
+"""Cluster mode: ban propagation latency between nodes, and the cost of cluster-scoped limits.
+
+Part a, propagation: three throwaway labs (stockade.lab.topology, as root),
+one gateway each with its own controller (XDP native on gw0, SYN rate limit
+off) in cluster mode, all sharing one redis-server (Debian's, on a unix
+socket, with a password). Each trial bans one client address through the
+control API of one node (what `stockade ban` sends) while, in the two other
+labs, a client opens a TCP connection through its gateway from that address
+every 2 ms (50 ms connect timeout). The latency is from the moment the ban
+was asked on the first node to the first attempt on the other node that gets
+no SYN-ACK: the kernel there drops the source. Both sides read the host's
+CLOCK_MONOTONIC. Then the address is unbanned and the next trial waits until
+every node has lifted it. Trials rotate the banning node and the address.
+
+Part b, throughput: the set-up of bench/l7.py (loopback, HAProxy with one
+thread as the upstream answering itself), with three `stockade proxy run`
+(N workers each): no limit; one limit keyed by ip with scope = "local"; the
+same with scope = "cluster" on a redis-server over loopback TCP. The limits
+are far above the load (1,000,000,000 a minute), so every request is counted
+and none refused. wrk (l7's load) measures requests/s, p99 and CPU per
+request; each round runs the three in a shuffled order.
+
+Run: .venv/bin/python -m bench.cluster [--trials N] [--rounds N] [--duration S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from bench import l7
+from bench.common import BenchError, machine, now_iso, save_results, source_revision
+from stockade.cli.client import ControllerUnavailable, call, wait_until_serving
+from stockade.lab import topology
+from stockade.lab.netns_exec import popen_in_netns, python_argv
+from stockade.lab.redis_server import RedisServer, running_redis
+
+COMMAND = ".venv/bin/python -m bench.cluster"
+PACKAGES = ("redis-server", "wrk", "haproxy")
+SOURCES = ("controller", "proxy", "stockade", "lab")
+STOCKADE = [sys.executable, "-m", "stockade.cli.main"]
+PASSWORD = "bench-cluster"
+NODES = ("a", "b", "c")
+PROBE_INTERVAL_S = 0.002
+PROBE_TIMEOUT_S = 0.05
+WATCH_S = 2.0  # each watcher's run; the ban comes BAN_AFTER_S into it
+BAN_AFTER_S = 0.8
+SETTLE_TIMEOUT_S = 5.0
+HUGE_RATE = "1000000000/min"
+VARIANTS = ("no limit", "limit, scope local", "limit, scope cluster")
+
+CONTROLLER_TOML = """\
+[controller]
+socket = "{home}/control.sock"
+state_dir = "{home}/state"
+pin_root = "{pin_root}"
+netns = "{netns}"
+[controller.admin]
+enabled = false
+[xdp]
+interfaces = ["{ifname}"]
+mode = "native"
+syn_rate = 0
+max_bans_v4 = 4096
+max_bans_v6 = 4096
+max_rate_sources = 4096
+[cluster]
+backend = "redis"
+url = "{url}"
+node = "{node}"
+heartbeat = "250ms"
+retry_interval = "250ms"
+"""
+
+LIMIT_TOML = """
+[proxy.rate_limiting.limits.per_ip]
+rate = "{rate}"
+key = "ip"
+all_routes = true
+scope = "{scope}"
+"""
+
+
+# --- part a: propagation ------------------------------------------------------
+
+
+@contextmanager
+def controller(home: Path, lab: topology.Lab, node: str, url: str) -> Iterator[Path]:
+    """A cluster-mode controller on the lab's gateway; yields its control socket."""
+    home.mkdir(parents=True)
+    pin_root = Path(f"/sys/fs/bpf/stockade-bench-{lab.prefix}")
+    config = home / "stockade.toml"
+    config.write_text(
+        CONTROLLER_TOML.format(
+            home=home,
+            pin_root=pin_root,
+            netns=lab.gateway_ns,
+            ifname=lab.gateway_if,
+            url=url,
+            node=node,
+        )
+    )
+    log = home / "controller.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*STOCKADE, "--config", str(config), "controller", "run"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        try:
+            wait_until_serving(home / "control.sock", proc, timeout=60)
+        except ControllerUnavailable as exc:
+            tail = log.read_text()[-800:]
+            raise BenchError(f"controller {node}: {exc.message}\n{tail}") from None
+        yield home / "control.sock"
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        subprocess.run(
+            [*STOCKADE, "--config", str(config), "detach", "--all", "--remove-maps"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+
+
+def watcher(lab: topology.Lab, source: str) -> subprocess.Popen[bytes]:
+    args = [
+        "--src", source, "--dst", topology.UPSTREAM_V4, "--port", str(topology.UPSTREAM_PORT),
+        "--duration", str(WATCH_S), "--interval", str(PROBE_INTERVAL_S),
+        "--timeout", str(PROBE_TIMEOUT_S),
+    ]  # fmt: skip
+    argv = python_argv("-m", "stockade.lab.probe", "watch", *args)
+    return popen_in_netns(lab.client_ns, argv, stdout=subprocess.PIPE)
+
+
+def first_drop(proc: subprocess.Popen[bytes], asked: float) -> float | None:
+    out, _ = proc.communicate(timeout=WATCH_S + 30)
+    attempts = [(float(at), bool(ok)) for at, ok in json.loads(out)["attempts"]]
+    if not any(ok for at, ok in attempts if at < asked):
+        raise BenchError("the client never got through before the ban")
+    dropped = [at for at, ok in attempts if at >= asked and not ok]
+    return min(dropped) - asked if dropped else None
+
+
+def banned(sock: Path) -> set[str]:
+    return {entry["target"] for entry in call(sock, "bans")}
+
+
+def settle(sockets: list[Path], source: str) -> None:
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while any(source in banned(s) for s in sockets):
+        if time.monotonic() > deadline:
+            raise BenchError(f"{source} still banned on some node {SETTLE_TIMEOUT_S}s after unban")
+        time.sleep(0.01)
+
+
+def free_prefix(index: int) -> str:
+    for tail in range(10):
+        prefix = f"bc{os.getpid() % 10000:04d}{index}{tail}"
+        if topology.prefix_in_use(prefix) is None:
+            return prefix
+    raise BenchError("no free lab prefix")
+
+
+def propagation(trials: int, tmp: Path) -> dict[str, Any]:
+    with ExitStack() as stack:
+        redis = stack.enter_context(running_redis(tmp / "redis", PASSWORD))
+        labs = [
+            stack.enter_context(topology.running_lab(free_prefix(i))) for i in range(len(NODES))
+        ]
+        sockets = [
+            stack.enter_context(controller(tmp / node, lab, node, redis.url()))
+            for node, lab in zip(NODES, labs, strict=True)
+        ]
+        samples: list[dict[str, Any]] = []
+        for trial in range(trials):
+            source = topology.CLIENT_V4[trial % len(topology.CLIENT_V4)]
+            at = trial % len(NODES)
+            others = [i for i in range(len(NODES)) if i != at]
+            watchers = {i: watcher(labs[i], source) for i in others}
+            time.sleep(BAN_AFTER_S)
+            asked = time.monotonic()
+            call(sockets[at], "ban", target=source, reason="bench")
+            acked = time.monotonic()
+            for i, proc in watchers.items():
+                latency = first_drop(proc, asked)
+                samples.append(
+                    {
+                        "trial": trial,
+                        "from": NODES[at],
+                        "to": NODES[i],
+                        "source": source,
+                        "ack_ms": round((acked - asked) * 1000, 3),
+                        "drop_ms": None if latency is None else round(latency * 1000, 3),
+                    }
+                )
+            call(sockets[at], "unban", target=source)
+            settle(sockets, source)
+            shown = [s["drop_ms"] for s in samples[-len(others) :]]
+            print(f"cluster: trial {trial + 1}/{trials}: dropped after {shown} ms", file=sys.stderr)
+        return {
+            "trials": trials,
+            "probe_interval_ms": PROBE_INTERVAL_S * 1000,
+            "probe_timeout_ms": PROBE_TIMEOUT_S * 1000,
+            "samples": samples,
+            "redis": redis_version(),
+        }
+
+
+def redis_version() -> str:
+    done = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True, timeout=10, check=False
+    )
+    return done.stdout.strip()
+
+
+# --- part b: throughput ---------------------------------------------------------
+
+
+def throughput(rounds: int, duration: int, tmp: Path) -> dict[str, Any]:
+    workers = os.cpu_count() or 1
+    with ExitStack() as stack:
+        redis = stack.enter_context(running_redis(tmp / "redis-tcp", PASSWORD, tcp=True))
+        upstream_port = l7.free_port()
+        upstream_cfg = tmp / "upstream.cfg"
+        upstream_cfg.write_text(
+            l7.UPSTREAM_CFG.format(host=l7.HOST, port=upstream_port, body=l7.BODY.decode())
+        )
+        upstream = stack.enter_context(
+            l7.serving(
+                "upstream",
+                ["haproxy", "-f", str(upstream_cfg), "-db"],
+                upstream_port,
+                tmp / "upstream.log",
+            )
+        )
+        targets = []
+        for index, name in enumerate(VARIANTS):
+            port = l7.free_port()
+            text = l7.STOCKADE_TOML.format(
+                workers=workers,
+                host=l7.HOST,
+                port=port,
+                upstream_port=upstream_port,
+                state=tmp / f"state-{index}",
+            )
+            if index:
+                scope = "cluster" if index == 2 else "local"
+                text += LIMIT_TOML.format(rate=HUGE_RATE, scope=scope)
+                text += f'[cluster]\nbackend = "redis"\nurl = "{redis.url(tcp=True)}"\n'
+            config = tmp / f"proxy-{index}.toml"
+            config.write_text(text)
+            argv = [*STOCKADE, "--config", str(config), "proxy", "run"]
+            pid = stack.enter_context(l7.serving(name, argv, port, tmp / f"proxy-{index}.log"))
+            targets.append(l7.Target(name, port, pid, processes=1 + workers))
+        check_counted(targets[2].port, redis)
+        for target in targets:
+            l7.measure(target, upstream, l7.WARMUP_S)
+        samples: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        rng = random.Random(8)
+        for done in range(rounds):
+            order = targets[:]
+            rng.shuffle(order)
+            for target in order:
+                samples[target.name].append(l7.measure(target, upstream, duration))
+            line = ", ".join(f"{t.name} {samples[t.name][-1]['rps']:.0f}" for t in targets)
+            print(f"cluster: round {done + 1}/{rounds}: requests/s {line}", file=sys.stderr)
+    return {
+        "workers": workers,
+        "rounds": rounds,
+        "wrk": {"threads": l7.THREADS, "connections": l7.CONNECTIONS, "duration_s": duration},
+        "redis_transport": "loopback TCP",
+        "variants": [{"name": name, "samples": values} for name, values in samples.items()],
+    }
+
+
+def check_counted(port: int, redis: RedisServer) -> None:
+    """The cluster variant really counts in Redis: a request adds a key there."""
+    import redis as redis_client
+
+    client = redis_client.Redis(unix_socket_path=str(redis.socket_path), password=PASSWORD)
+    try:
+        client.flushdb()
+        before = len(client.keys("stockade:rl:*"))
+        status, _ = l7.get(port)
+        after = len(client.keys("stockade:rl:*"))
+    finally:
+        client.close()
+    if status != 200 or after <= before:
+        raise BenchError(f"the cluster-scoped limit counted nothing in Redis (status {status})")
+
+
+# --- main -----------------------------------------------------------------------
+
+
+def run(trials: int, rounds: int, duration: int) -> dict[str, Any]:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="stockade-bench-cluster-") as tmp:
+        part_a = propagation(trials, Path(tmp) / "a")
+        part_b = throughput(rounds, duration, Path(tmp) / "b")
+    return {
+        "bench": "cluster",
+        "date": now_iso(),
+        "command": COMMAND,
+        "source": source_revision(SOURCES),
+        "machine": machine(PACKAGES),
+        "total_s": round(time.monotonic() - started, 1),
+        "propagation": part_a,
+        "throughput": part_b,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=30, help="bans timed (default 30)")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default 3)")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run (8)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.cluster: run as root (network namespaces, XDP)", file=sys.stderr)
+        return 1
+    try:
+        results = run(args.trials, args.rounds, args.duration)
+    except BenchError as exc:
+        print(f"bench.cluster: {exc}", file=sys.stderr)
+        return 1
+    path = save_results("cluster", results)
+    print(f"bench.cluster: results in {path}", file=sys.stderr)
+    with suppress(Exception):
+        from bench import report
+
+        print(report.render_cluster(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
