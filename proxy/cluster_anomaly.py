@@ -94,7 +94,7 @@ class SharedAnomaly:
             if self._skipped == 1:
                 log.warning("cluster: anomaly counting cannot keep up; responses go uncounted")
             return
-        task = asyncio.get_running_loop().create_task(self._count(Seen.of(ctx), now))
+        task = asyncio.get_running_loop().create_task(self._count(Seen.of(ctx), ctx, now))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -141,13 +141,14 @@ class SharedAnomaly:
             where[(kind, window)] = slots
         return ops, where
 
-    async def _count(self, seen: Seen, now: float) -> None:
+    async def _count(self, seen: Seen, ctx: RequestContext, now: float) -> None:
         ops, where = self._ops(seen)
         if not ops:
             return
         totals = await self.cluster.add_many(ops)
-        if totals is None:
-            return  # Redis failed just now: this response goes uncounted
+        if totals is None:  # Redis failed just now: this response counts here
+            self._fallback(ctx, now)
+            return
         values: dict[tuple[str, float], dict[str, float]] = {}
         for place, slots in where.items():
             out = {metric: float(totals[slot - 1]) for metric, slot in slots.items()}

@@ -16,6 +16,7 @@ from cluster_gateways import gateways, proxy_config, upstream
 from stockade.cluster_settings import ClusterConfig
 from stockade.lab.redis_server import RedisServer
 from stockade.proxy.api_keys import entry_to_toml, generate_key
+from stockade.proxy.quota import read_usage
 from stockade.proxy.settings import ProxyConfig
 from stockade.redis_conn import check_credentials
 
@@ -94,6 +95,9 @@ def test_cluster_quotas_are_kept_in_redis(tmp_path: Path, redis_server: RedisSer
                 assert await spread([u for u, _ in gws], 3, headers=headers) == [429] * 3
 
     asyncio.run(scenario())
+    # each node keeps the cluster's count it saw in its usage database (`stockade usage`)
+    (row,) = read_usage(tmp_path / "first" / "n0" / "usage.db")  # n0 answered the 10th
+    assert (row.consumer, row.plan, row.count) == ("acme", "free", 10)
     day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     client = redis.Redis(
         unix_socket_path=str(redis_server.socket_path), password=redis_server.password
@@ -178,3 +182,31 @@ def test_a_wrong_password_is_a_clear_proxy_startup_error(redis_server: RedisServ
     assert message is not None and "refused the password" in message
     assert "letmein-42" not in message  # never the password itself
     assert check_credentials(ClusterConfig(backend="redis", url=redis_server.url())) is None
+
+
+def test_a_cluster_rule_judges_local_counts_scaled_while_redis_is_away(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    rule = """
+[[proxy.anomaly.rules]]
+name = "scanner"
+when = "distinct_404_paths > 5 in 1m"
+action = "deny"
+duration = "1m"
+scope = "cluster"
+"""
+    url = redis_server.url()
+    redis_server.stop()
+
+    async def scenario() -> list[int]:
+        async with upstream() as port:
+            config = proxy_config(tmp_path / "n0", port, url, rule)  # expected_nodes = 3
+            async with gateways([config]) as gws:
+                base = gws[0][0]
+                async with aiohttp.ClientSession() as session:
+                    for i in range(2):  # 2 here x 3 nodes > 5
+                        async with session.get(f"{base}/status/404/p{i}") as r:
+                            assert r.status == 404
+                return await spread([base], 1)
+
+    assert asyncio.run(scenario()) in ([403], [0])
