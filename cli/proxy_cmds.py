@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import click
 
@@ -33,7 +34,10 @@ def proxy_run(ctx: Context) -> None:
     """
     from stockade.proxy.workers import run
 
-    raise SystemExit(run(ctx.config()))
+    config = ctx.config()
+    if ctx.socket_override is not None:  # where the status page asks the controller
+        config = replace(config, controller=replace(config.controller, socket=ctx.socket_override))
+    raise SystemExit(run(config))
 
 
 @click.command(

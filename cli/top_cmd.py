@@ -27,9 +27,9 @@ from rich.live import Live
 
 from stockade.cli import output
 from stockade.cli.context import Context, fail, json_option, pass_ctx
-from stockade.cli.top_frame import Frame, build
-from stockade.cli.top_sources import Sample, take_sample
+from stockade.cli.top_sources import take_sample
 from stockade.cli.top_view import View
+from stockade.stats_view import Frame, Sample, build
 
 PLAIN_WIDTH = 160  # wide enough that no column is cut in a pipe
 

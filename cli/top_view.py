@@ -3,37 +3,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich import box
 from rich.columns import Columns
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from stockade.cli.top_frame import BanRow, Frame, ProxyFrame, RouteRow
-from stockade.durations import format_duration
-
-
-def per_second(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def latency(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1000:.1f}ms" if seconds < 1 else f"{seconds:.2f}s"
-
-
-def expires(seconds: float | None) -> str:
-    return "never" if seconds is None else f"in {format_duration(seconds)}"
-
-
-def interface(i: dict[str, Any]) -> str:
-    if i["error"] is not None:
-        return f"{i['name']} (error: {i['error']})"
-    return f"{i['name']} ({i['mode']}{'' if i['ours'] else ', NOT ours'})"
-
+from stockade.stats_view import (
+    BanRow,
+    Frame,
+    ProxyFrame,
+    RouteRow,
+    expires,
+    interface,
+    latency,
+    per_second,
+)
 
 # every other column is a number, right-aligned
 TEXT_COLUMNS = frozenset(

@@ -53,6 +53,7 @@ from stockade.proxy.status import (
     worker_file,
     write_atomically,
 )
+from stockade.proxy.status_page import status_pages
 from stockade.proxy.tls import ServerTls, TlsConfigError
 from stockade.proxy.waf.firewall import WafLoadError, check_waf
 from stockade.redis_conn import check_credentials
@@ -300,6 +301,7 @@ class Master:
     def __init__(self, config: Config) -> None:
         self.path = config.path
         self.config = config.proxy
+        self.control_socket = config.controller.socket  # the status page's kernel side
         self.retiring: set[int] = set()  # old workers draining after a reload
         self.generation = 0
         self.slots: list[WorkerSlot] = []
@@ -350,7 +352,8 @@ class Master:
             return
         try:
             directory = self.config.metrics_dir
-            self.admin = AdminServer(admin, lambda: render_workers(directory))
+            pages = status_pages(directory, self.control_socket, __version__)
+            self.admin = AdminServer(admin, lambda: render_workers(directory), pages)
         except AdminError as exc:
             raise ProxyStartupError(str(exc)) from None
         self.admin.start()

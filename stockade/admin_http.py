@@ -1,10 +1,11 @@
 """A small HTTP listener for Prometheus scrapes, apart from the public ports.
 
-Used by the proxy's master (metrics of every worker) and by the controller
-(the kernel's counters and the bans), each on a thread of its own: a
-scrape never touches the request path. Optional bearer token or basic
-auth, compared in constant time; the secrets come from files and never
-reach a log.
+Used by the proxy's master (metrics of every worker, and the status page)
+and by the controller (the kernel's counters and the bans), each on a
+thread of its own: a scrape never touches the request path. Read-only:
+GET and HEAD, any other method 405. Optional bearer token or basic auth,
+compared in constant time; the secrets come from files and never reach a
+log.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ipaddress
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from stockade.config_fields import ConfigError, Section
 
 log = logging.getLogger("stockade.admin")
+REALM = "stockade-admin"
+ALLOW = "GET, HEAD"
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,16 @@ class Credentials:
 
     def __init__(self, config: AdminConfig) -> None:
         self.expected: list[bytes] = []
+        # what a 401 offers: a browser asks for a password only when Basic is among them
+        self.challenges: list[str] = []
         if config.bearer_token_file is not None:
             self.expected.append(b"Bearer " + _secret(config.bearer_token_file, "token"))
+            self.challenges.append(f'Bearer realm="{REALM}"')
         if config.basic_auth_user is not None and config.basic_auth_password_file is not None:
             password = _secret(config.basic_auth_password_file, "password")
             pair = config.basic_auth_user.encode() + b":" + password
             self.expected.append(b"Basic " + base64.b64encode(pair))
+            self.challenges.append(f'Basic realm="{REALM}", charset="UTF-8"')
 
     def allowed(self, header: str | None) -> bool:
         if not self.expected:
@@ -108,36 +115,72 @@ class Credentials:
         return any([hmac.compare_digest(given, want) for want in self.expected])
 
 
+@dataclass(frozen=True)
+class Page:
+    """A read-only page the listener serves besides /metrics (the proxy's status page)."""
+
+    render: Callable[[str], bytes]  # the query string -> the body
+    content_type: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "stockade-admin"
     sys_version = ""
-    render: ClassVar[Callable[[], bytes]]
+    pages: ClassVar[dict[str, Page]]
     credentials: ClassVar[Credentials]
 
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != "/metrics":
-            self._reply(404, b"not found: try /metrics\n", "text/plain")
+        self._serve(with_body=True)
+
+    def do_HEAD(self) -> None:
+        self._serve(with_body=False)
+
+    def _not_allowed(self) -> None:
+        # nothing here changes state; the body of a refused request is never read
+        self.close_connection = True
+        self._reply(405, b"method not allowed: GET only\n", "text/plain", (("Allow", ALLOW),))
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
+    def _serve(self, with_body: bool) -> None:
+        path, _, query = self.path.partition("?")
+        page = self.pages.get(path)
+        if page is None:
+            paths = " or ".join(p for p in self.pages if p != "/")
+            self._reply(404, f"not found: try {paths}\n".encode(), "text/plain")
             return
         if not self.credentials.allowed(self.headers.get("Authorization")):
             self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Bearer realm="stockade-admin"')
+            for challenge in self.credentials.challenges:
+                self.send_header("WWW-Authenticate", challenge)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
         try:
-            body = type(self).render()
+            body = page.render(query)
         except Exception:  # a scrape must not take the listener down
-            log.exception("metrics scrape failed")
+            log.exception("admin page %s failed", path)
             self._reply(500, b"scrape failed\n", "text/plain")
             return
-        self._reply(200, body, CONTENT_TYPE_LATEST)
+        self._reply(200, body, page.content_type, page.headers, with_body)
 
-    def _reply(self, status: int, body: bytes, content_type: str) -> None:
+    def _reply(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        with_body: bool = True,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if with_body:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # scrapes every few seconds would drown the log
@@ -148,11 +191,20 @@ class _Server6(ThreadingHTTPServer):
 
 
 class AdminServer:
-    def __init__(self, config: AdminConfig, render: Callable[[], bytes]) -> None:
+    """`render` makes the /metrics exposition; `pages` adds more paths (all read-only)."""
+
+    def __init__(
+        self,
+        config: AdminConfig,
+        render: Callable[[], bytes],
+        pages: Mapping[str, Page] | None = None,
+    ) -> None:
+        routes = {"/metrics": Page(lambda query: render(), CONTENT_TYPE_LATEST), **(pages or {})}
+        self.paths = list(routes)
         handler: type[_Handler] = type(
             "AdminHandler",
             (_Handler,),
-            {"render": staticmethod(render), "credentials": Credentials(config)},
+            {"pages": routes, "credentials": Credentials(config)},
         )
         server_class = _Server6 if ":" in config.address else ThreadingHTTPServer
         try:
@@ -171,6 +223,8 @@ class AdminServer:
     def start(self) -> None:
         self.thread.start()
         log.info("metrics on http://%s:%d/metrics", *self.httpd.server_address[:2])
+        if len(self.paths) > 1:
+            log.info("admin pages on the same listener: %s", ", ".join(self.paths[1:]))
 
     def stop(self) -> None:
         self.httpd.shutdown()

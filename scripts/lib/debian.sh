@@ -22,6 +22,7 @@ STOCKADE_DEV_PACKAGES=(
     systemd             # systemd-analyze verifies the units (tests/install)
     shellcheck          # checks the shell scripts (tests/install)
     ruby                # `ruby -c` checks the Vagrantfile (tests/install)
+    chromium            # headless: the status page in a browser (tests/integration)
     wrk                 # load generator: reload under load (tests/integration/test_reload_lab.py)
     redis-server        # cluster mode tests start their own (scripts/bootstrap stops the service)
 )

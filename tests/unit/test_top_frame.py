@@ -7,8 +7,15 @@ import math
 
 import pytest
 
-from stockade.cli.top_frame import bucket_deltas, build, quantile
-from stockade.cli.top_sources import KernelSample, ProxySample, Sample, parse_proxy
+from stockade.stats_view import (
+    KernelSample,
+    ProxySample,
+    Sample,
+    bucket_deltas,
+    build,
+    parse_proxy,
+    quantile,
+)
 
 INF = math.inf
 

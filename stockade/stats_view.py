@@ -1,22 +1,102 @@
-"""One frame of `stockade top`: totals from the last sample, rates against the one before.
+"""What `stockade top` and the proxy's status page show: samples of the gateway's numbers,
+and frames computed from two of them.
 
-Rates and latency percentiles are over the refresh interval: counter
-deltas divided by the time between the two samples, and quantiles of the
-request-duration histogram's bucket deltas, estimated as Prometheus's
-histogram_quantile does (linear within a bucket). A counter that went
-down was reset (a restarted proxy): its delta is its new value.
+A sample is the kernel's counters and bans (over the control socket) and the
+proxy's request metrics (the exposition its admin listener serves, already
+added up across workers). A frame holds totals from the last sample and
+rates against the one before: counter deltas divided by the time between
+the two samples, and quantiles of the request-duration histogram's bucket
+deltas, estimated as Prometheus's histogram_quantile does (linear within a
+bucket). A counter that went down was reset (a restarted proxy): its delta
+is its new value.
+
+Neither the CLI nor the proxy: both import this, so the arithmetic exists
+once.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from stockade.cli.top_sources import ProxySample, Sample
+from prometheus_client.parser import text_string_to_metric_families
+
+from stockade.control_client import TIMEOUT, call
 from stockade.controller.layout import reason_names
 from stockade.controller.metrics import VERDICTS
+from stockade.durations import format_duration
 
+REQUESTS = "stockade_proxy_requests_total"
+DURATION_BUCKET = "stockade_proxy_request_duration_seconds_bucket"
+UPSTREAM_UP = "stockade_proxy_upstream_up"
+UPSTREAM_IN_FLIGHT = "stockade_proxy_upstream_in_flight"
+IN_FLIGHT = "stockade_proxy_requests_in_flight"
+
+
+# -- samples ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelSample:
+    reasons: dict[str, tuple[int, int]]  # reason -> (packets, bytes)
+    bans: list[dict[str, Any]]  # as `stockade bans --json`
+    status: dict[str, Any]  # as `stockade status --json` (controller part)
+
+
+@dataclass(frozen=True)
+class ProxySample:
+    requests: dict[tuple[str, str, str], float]  # (route, status class, decision) -> total
+    buckets: dict[str, dict[float, float]]  # route -> upper bound -> cumulative count
+    upstreams: dict[tuple[str, str], tuple[float, float]]  # (pool, server) -> (up, in flight)
+    in_flight: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # time.monotonic()
+    kernel: KernelSample | None
+    kernel_error: str | None  # why there is no kernel sample
+    proxy: ProxySample | None
+    proxy_state: str  # "running", or why not
+
+
+def kernel_sample(socket_path: Path, timeout: float = TIMEOUT) -> KernelSample:
+    """Raises CommandError (ControllerUnavailable when it is down)."""
+    stats = call(socket_path, "stats", timeout=timeout)
+    reasons = {
+        name: (int(value["packets"]), int(value["bytes"]))
+        for name, value in stats["reasons"].items()
+    }
+    bans = list(call(socket_path, "bans", timeout=timeout))
+    return KernelSample(reasons, bans, call(socket_path, "status", timeout=timeout))
+
+
+def parse_proxy(text: str) -> ProxySample:
+    """The proxy's exposition (ValueError when it is not one)."""
+    requests: dict[tuple[str, str, str], float] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    up: dict[tuple[str, str], float] = {}
+    in_flight: dict[tuple[str, str], float] = {}
+    total_in_flight = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = s.labels
+            if s.name == REQUESTS:  # methods added up
+                key = (labels["route"], labels["status"], labels["decision"])
+                requests[key] = requests.get(key, 0.0) + s.value
+            elif s.name == DURATION_BUCKET:
+                buckets.setdefault(labels["route"], {})[float(labels["le"])] = s.value
+            elif s.name == UPSTREAM_UP:
+                up[(labels["pool"], labels["server"])] = s.value
+            elif s.name == UPSTREAM_IN_FLIGHT:
+                in_flight[(labels["pool"], labels["server"])] = s.value
+            elif s.name == IN_FLIGHT:
+                total_in_flight = s.value
+    upstreams = {key: (value, in_flight.get(key, 0.0)) for key, value in up.items()}
+    return ProxySample(requests, buckets, upstreams, total_in_flight)
+
+
+# -- frames ---------------------------------------------------------------------------
 TOP_BANS = 10
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 
@@ -180,10 +260,14 @@ def _route_row(
     buckets: dict[float, float],
     old_buckets: dict[float, float] | None,
     interval: float | None,
+    since_start: bool,
 ) -> RouteRow:
     now = sum(totals.values())
     before = sum(old_totals.values()) if old_totals is not None else None
-    window = bucket_deltas(buckets, old_buckets) if interval is not None else {}
+    if interval is not None:
+        window = bucket_deltas(buckets, old_buckets)
+    else:  # one sample: the whole histogram, or nothing to say
+        window = dict(buckets) if since_start else {}
     statuses = {cls: int(totals.get(cls, 0)) for cls in STATUS_CLASSES}
     if "other" in totals:
         statuses["other"] = int(totals["other"])
@@ -214,7 +298,9 @@ def _sum_buckets(per_route: dict[str, dict[float, float]]) -> dict[float, float]
     return out
 
 
-def _proxy(cur: ProxySample, prev: ProxySample | None, interval: float | None) -> ProxyFrame:
+def _proxy(
+    cur: ProxySample, prev: ProxySample | None, interval: float | None, since_start: bool
+) -> ProxyFrame:
     routes, old_routes = _by(cur, 0), _by(prev, 0) if prev is not None else None
     old_buckets = prev.buckets if prev is not None else None
     rows = [
@@ -225,6 +311,7 @@ def _proxy(cur: ProxySample, prev: ProxySample | None, interval: float | None) -
             cur.buckets.get(name, {}),
             old_buckets.get(name) if old_buckets is not None else None,
             interval,
+            since_start,
         )
         for name, totals in routes.items()
     ]
@@ -244,6 +331,7 @@ def _proxy(cur: ProxySample, prev: ProxySample | None, interval: float | None) -
         _sum_buckets(cur.buckets),
         _sum_buckets(old_buckets) if old_buckets is not None else None,
         interval,
+        since_start,
     )
     decisions, old_decisions = _by(cur, 2), _by(prev, 2) if prev is not None else None
     decision_rows = []
@@ -259,11 +347,38 @@ def _proxy(cur: ProxySample, prev: ProxySample | None, interval: float | None) -
     return ProxyFrame(rows, everything, decision_rows, upstreams, int(cur.in_flight))
 
 
-def build(cur: Sample, prev: Sample | None = None) -> Frame:
+def build(cur: Sample, prev: Sample | None = None, *, since_start: bool = False) -> Frame:
+    """A frame of `cur`, with rates and latency over the time since `prev`.
+
+    Without `prev` there are no rates, and latency is `None` unless
+    `since_start`: then it is the quantiles of the whole histogram (the
+    status page's first view, which has nothing to compare with).
+    """
     interval = cur.at - prev.at if prev is not None else None
     frame = Frame(interval, None, cur.kernel_error, proxy_state=cur.proxy_state)
     _kernel(frame, cur, prev, interval)
     if cur.proxy is not None:
         before = prev.proxy if prev is not None else None
-        frame.proxy = _proxy(cur.proxy, before, interval)
+        frame.proxy = _proxy(cur.proxy, before, interval, since_start)
     return frame
+
+
+# -- how both show a number ------------------------------------------------------------
+def per_second(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def latency(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f}ms" if seconds < 1 else f"{seconds:.2f}s"
+
+
+def expires(seconds: float | None) -> str:
+    return "never" if seconds is None else f"in {format_duration(seconds)}"
+
+
+def interface(i: dict[str, Any]) -> str:
+    if i["error"] is not None:
+        return f"{i['name']} (error: {i['error']})"
+    return f"{i['name']} ({i['mode']}{'' if i['ours'] else ', NOT ours'})"
