@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import click
 
+from stockade import logs
 from stockade.cli.context import Context, fail, pass_ctx
 from stockade.controller import loader, xdp_attach
 from stockade.controller.daemon import lock_pin_dir, program_settings, run
@@ -46,6 +47,9 @@ def controller_run(ctx: Context, dry_run: bool, mode: str | None, ebpf: bool) ->
         return
     if ctx.socket_override is not None:
         config = replace(config, controller=replace(config.controller, socket=ctx.socket_override))
+    # -v keeps debug; otherwise the config's level (a reload applies both again)
+    c = config.controller
+    logs.use_format(c.log_format, None if ctx.verbose else c.log_level)
     raise SystemExit(run(config, dry_run=dry_run, mode=xdp_attach.Mode(mode) if mode else None))
 
 

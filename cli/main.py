@@ -6,7 +6,6 @@ that names the problem and the next step; `-v` shows details.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import IO, Any
 
 import click
 
-from stockade import __version__
+from stockade import __version__, logs
 from stockade.cli import output
 from stockade.cli.apikey_cmds import apikey_group
 from stockade.cli.client import call
@@ -112,11 +111,7 @@ def cli(
     ctx: click.Context, config_path: Path | None, socket_path: Path | None, verbose: bool
 ) -> None:
     """stockade: an edge security gateway with an XDP fast path."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(verbose)  # text; `controller run` and `proxy run` apply the config's log_format
     ctx.obj = Context(config_path, socket_path, verbose)
 
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import click
 
+from stockade import logs
 from stockade.cli.context import Context, pass_ctx
 
 
@@ -37,6 +38,7 @@ def proxy_run(ctx: Context) -> None:
     config = ctx.config()
     if ctx.socket_override is not None:  # where the status page asks the controller
         config = replace(config, controller=replace(config.controller, socket=ctx.socket_override))
+    logs.use_format(config.proxy.log_format)  # the workers inherit it
     raise SystemExit(run(config))
 
 

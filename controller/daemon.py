@@ -34,7 +34,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from stockade import __version__
+from stockade import __version__, logs
 from stockade.admin_http import AdminError, AdminServer
 from stockade.clock import Clock, SystemClock
 from stockade.config import Config, ConfigError, load_config
@@ -640,7 +640,7 @@ class Controller:
         self.service.history_retention = new.controller.history_retention
         self.service.reconcile()
         self.slots.labels(new.xdp.interfaces)  # warns now if two share a slot
-        logging.getLogger("stockade").setLevel(new.controller.log_level.upper())
+        logs.use_format(new.controller.log_format, new.controller.log_level)
         # what needs a restart keeps its running value
         controller = dataclasses.replace(
             new.controller,

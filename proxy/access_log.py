@@ -4,6 +4,11 @@ Never the Authorization header, cookies or the query string: only what an
 operator needs to follow a request (and what `stockade replay` replays:
 time, client, method, host, path, consumer, status, decision). Lines are block-buffered and flushed
 every second (and at exit), so logging costs no system call per request.
+
+Fields are named as in the JSON application logs (stockade/logs.py): `time`
+in RFC 3339 UTC, `logger` ("stockade.access", which tells these lines from
+the others when both go to stderr), `pid`, and `request_id`, `client_ip`,
+`route` as the proxy's log lines name them; no `level` or `message`.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import os
 import time
 from typing import TextIO
 
+from stockade.logs import rfc3339
 from stockade.proxy.context import RequestContext
 
 BUFFER = 64 * 1024
+LOGGER = "stockade.access"
 FLUSH_INTERVAL = 1.0
 
 
@@ -40,6 +47,8 @@ class AccessLog:
         else:
             self._out = open(target, "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
         self._flusher: asyncio.Task[None] | None = None
+        # made in the worker, after the fork: its own pid
+        self._head = f'"logger":"{LOGGER}","pid":{os.getpid()}'
 
     def write(self, ctx: RequestContext, method: str) -> None:
         # Formatted by hand: json.dumps of a dict was a tenth of a request's
@@ -54,7 +63,7 @@ class AccessLog:
         reason = f'"{ctx.reason}"' if ctx.reason else "null"
         consumer = _json_text(ctx.consumer) if ctx.consumer is not None else "null"
         self._out.write(
-            f'{{"time":{time.time():.3f},"request_id":"{ctx.request_id}",'
+            f'{{"time":"{rfc3339(time.time())}",{self._head},"request_id":"{ctx.request_id}",'
             f'"client_ip":"{ctx.client_ip}","method":"{method}","host":{_json_text(ctx.host)},'
             f'"path":"{ctx.path}","consumer":{consumer},'
             f'"route":{route_json},"status":{ctx.status},"bytes_in":{ctx.bytes_in},'

@@ -273,7 +273,13 @@ class AnomalyDetector:
         )
         shown = ", ".join(f"{k}={v:g}" for k, v in observed.items())
         log.warning(
-            "rule %s: %s %s (%s); action %s", rule.name, rule.key, subject, shown, rule.action
+            "rule %s: %s %s (%s); action %s",
+            rule.name,
+            rule.key,
+            subject,
+            shown,
+            rule.action,
+            extra={"rule": rule.name, "key": rule.key, "subject": subject, "action": rule.action},
         )
         if code == BAN:
             task = asyncio.get_running_loop().create_task(self._ban(rule, subject, observed, key))

@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,17 @@ class Report:
         }
 
 
+def _when(value: Any) -> float:
+    """A line's time: RFC 3339 as the access log writes it, or the Unix time older
+    versions wrote (ValueError for anything else, a time without a zone included)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    when = datetime.fromisoformat(str(value))
+    if when.tzinfo is None:
+        raise ValueError("a time without a zone")
+    return when.timestamp()
+
+
 def read_log(lines: Iterable[str]) -> Iterator[Recorded | None]:
     """Each line as a record, or None for a line that is not one (kept count of)."""
     for number, line in enumerate(lines, 1):
@@ -97,7 +109,7 @@ def read_log(lines: Iterable[str]) -> Iterator[Recorded | None]:
             raw = json.loads(line)
             yield Recorded(
                 line=number,
-                time=float(raw["time"]),
+                time=_when(raw["time"]),
                 client_ip=str(raw["client_ip"]),
                 method=str(raw["method"]),
                 host=str(raw.get("host") or ""),

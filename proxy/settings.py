@@ -32,6 +32,7 @@ from typing import Any
 from stockade.admin_http import AdminConfig, parse_admin
 from stockade.cluster_settings import ClusterConfig
 from stockade.config_fields import ConfigError, Section
+from stockade.logs import parse_log_format
 from stockade.proxy.anomaly_settings import AnomalyConfig, parse_anomaly
 from stockade.proxy.auth_settings import AuthConfig, RouteAuth, parse_auth, parse_route_auth
 from stockade.proxy.ratelimit_settings import (
@@ -141,6 +142,7 @@ class ProxyConfig:
     user: str | None = None  # drop privileges to this user after binding
     group: str | None = None
     access_log: str = "-"  # "-" = stderr, else a file path
+    log_format: str = "text"  # the master's and workers' own lines: "text" or "json"
     trusted_proxies: tuple[Network, ...] = ()
     max_header_size: int = 8190  # one request line or header line
     max_headers: int = 100
@@ -368,6 +370,7 @@ def parse_proxy(section: Section) -> ProxyConfig:
         user=user,
         group=group,
         access_log=section.get("access_log", str, d.access_log),
+        log_format=parse_log_format(section),
         trusted_proxies=section.networks("trusted_proxies"),
         max_header_size=section.integer("max_header_size", d.max_header_size, 256, 1 << 20),
         max_headers=section.integer("max_headers", d.max_headers, 8, 10_000),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client.multiprocess import mark_process_dead
 
-from stockade import __version__
+from stockade import __version__, logs
 from stockade.admin_http import AdminError, AdminServer
 from stockade.clock import SystemClock
 from stockade.config import Config, ConfigError, load_config
@@ -440,6 +440,7 @@ class Master:
             log.warning("reload: table sizes changed; rate-limit and anomaly counters start over")
             self.shared = SharedState.create(new)
         old_slots, self.slots, self.config = self.slots, slots, new
+        logs.use_format(new.log_format)  # the master's lines, and the new workers'
         for slot in self.slots:
             self._spawn(slot)
         kept = {id(sock) for slot in self.slots for _, sock in slot.sockets}

@@ -19,6 +19,7 @@ from typing import Any
 from stockade.admin_http import AdminConfig, parse_admin
 from stockade.cluster_settings import ClusterConfig, parse_cluster
 from stockade.config_fields import ConfigError, Section
+from stockade.logs import parse_log_format
 from stockade.proxy.settings import ProxyConfig, parse_proxy
 
 __all__ = ["Config", "ConfigError", "ControllerConfig", "XdpConfig", "load_config", "parse_config"]
@@ -43,6 +44,7 @@ class ControllerConfig:
     netns: str | None = None
     sweep_interval: float = 1.0
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object a line (stockade/logs.py)
     # The proxy's socket: accepts only `rule.ban`. Default: rules.sock next to `socket`.
     rules_socket: Path = Path("/run/stockade/rules.sock")
     # None: root only (0600); a group name: that group may push rule bans (0660).
@@ -119,6 +121,7 @@ def _controller(section: Section) -> ControllerConfig:
         netns=netns,
         sweep_interval=sweep,
         log_level=level,
+        log_format=parse_log_format(section),
         rules_socket=rules_socket,
         rules_group=rules_group,
         history_retention=retention,

@@ -99,7 +99,7 @@ def make(
             ctx.decision, ctx.reason = "http", exc.reason
             response = error_response(exc.status, "http_error", exc.reason, ctx.request_id)
         except Exception:
-            log.exception("request %s failed", ctx.request_id)
+            log.exception("request %s failed", ctx.request_id, extra={"request_id": ctx.request_id})
             ctx.decision, ctx.reason = "internal", "internal_error"
             response = error_response(500, "internal_error", "internal error", ctx.request_id)
         finally:

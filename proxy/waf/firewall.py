@@ -373,16 +373,28 @@ class Waf:
         for key in verdict.keys:
             counts[(policy.mode, key)] += 1
         what = "; ".join(map(str, verdict.findings)) or verdict.detail or verdict.reason
+        route = ctx.route.name if ctx.route is not None else "-"
+        path = clip(ctx.path, 128)
         log.warning(
             "waf %s: request %s %s %s from %s on route %s (%s): %s",
             "detected" if detect else "blocked",
             ctx.request_id,
             request.method,
-            clip(ctx.path, 128),
+            path,
             ctx.client_ip,
-            ctx.route.name if ctx.route is not None else "-",
+            route,
             policy.mode,
             what,
+            extra={  # named as in the access log, for the JSON lines
+                "request_id": ctx.request_id,
+                "client_ip": ctx.client_ip,
+                "method": request.method,
+                "path": path,
+                "route": route,
+                "waf_mode": policy.mode,
+                "waf_action": policy.action,
+                "rules": list(verdict.keys),
+            },
         )
         if detect:
             ctx.reason = f"waf_detect:{verdict.reason}"

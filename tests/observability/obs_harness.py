@@ -58,9 +58,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def controller_toml(home: Path, pin_root: Path) -> str:
+def controller_toml(home: Path, pin_root: Path, settings: str = "") -> str:
+    """`settings`: more [controller] keys."""
     return f"""
 [controller]
+{settings}
 socket = "{home}/control.sock"
 state_dir = "{home}/lib"
 pin_root = "{pin_root}"
@@ -104,10 +106,10 @@ class Controller:
 
 
 @contextmanager
-def running_controller(home: Path) -> Iterator[Controller]:
-    pin_root = Path(f"/sys/fs/bpf/stockade-obstest-{os.getpid()}")
+def running_controller(home: Path, settings: str = "") -> Iterator[Controller]:
+    pin_root = Path(f"/sys/fs/bpf/stockade-obstest-{os.getpid()}-{home.name}"[:200])
     config = home / "controller.toml"
-    config.write_text(controller_toml(home, pin_root))
+    config.write_text(controller_toml(home, pin_root, settings))
     socket_path = load_config(config).controller.socket
     log = home / "controller.log"
     with log.open("wb") as out:
