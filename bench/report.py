@@ -1329,8 +1329,10 @@ def render_cluster(results: dict[str, Any]) -> str:
     ]
     lines += _table(["variant", "requests/s", "vs no limit", "p99", "proxy CPU/request"], rows)
     lines += [
-        "A cluster-scoped check is one Redis round trip (EVALSHA of the window script) "
-        "per request and limit; routes without one keep the local path.",
+        "A cluster-scoped check is an EVALSHA of the window script in Redis; a worker "
+        "sends the checks that arrive while one batch is on its way together in the next "
+        "(a pipeline), so under load many requests share a round trip. Routes without a "
+        "cluster-scoped limit keep the local path.",
         "",
     ]
     return "\n".join(lines)
