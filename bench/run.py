@@ -1,10 +1,11 @@
 """`make bench`: the kernel fast-path and L7 benchmarks, then bench/README.md.
 
 Runs bench/bootstrap (idempotent: installs trafgen, wrk, haproxy, py-spy),
-bench.xdp_cost, bench.flood, bench.l7 and bench.jwt with their defaults, and rebuilds
-the README from the results. A failing case is reported and the others
-still run; the exit code is 1 if any failed. As root, after
-./scripts/bootstrap (which `make bench` runs).
+bench.xdp_cost, bench.flood, bench.l7, bench.jwt, bench.limits and
+bench.escalation with their defaults, and rebuilds the README from the
+results. A failing case is reported and the others still run; the exit code
+is 1 if any failed. As root, after ./scripts/bootstrap (which `make bench`
+runs).
 
 Run: .venv/bin/python -m bench.run
 """
@@ -17,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import cluster, flood, jwt, l7, report, waf, xdp_cost
+from bench import cluster, escalation, flood, jwt, l7, limits, report, waf, xdp_cost
 from bench.common import BENCH_DIR
 
 
@@ -41,6 +42,8 @@ def main() -> int:
         "flood": flood.main,
         "l7": l7.main,
         "jwt": jwt.main,
+        "limits": limits.main,
+        "escalation": escalation.main,
         "waf": waf.main,
         "cluster": cluster.main,
     }
