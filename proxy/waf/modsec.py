@@ -198,6 +198,11 @@ class Engine:
             self._ptr = None
 
 
+# libmodsecurity's SecLang parser keeps global state: two threads loading rules
+# at once can crash the process, so every load and merge takes this lock.
+_PARSER = threading.Lock()
+
+
 class RuleSet:
     """Rules in the engine's own language (SecLang), loaded from text or files."""
 
@@ -224,21 +229,24 @@ class RuleSet:
     def add(self, text: str, origin: str = "rules") -> int:
         """Load rules from text; the number of rules added."""
         error = c_void_p()
-        count = self._lib.msc.msc_rules_add(self.pointer, text.encode(), ctypes.byref(error))
+        with _PARSER:
+            count = self._lib.msc.msc_rules_add(self.pointer, text.encode(), ctypes.byref(error))
         return self._checked(count, error, origin)
 
     def add_file(self, path: Path) -> int:
         """Load a rules file; Include and @pmFromFile paths are relative to it."""
         error = c_void_p()
-        count = self._lib.msc.msc_rules_add_file(
-            self.pointer, str(path).encode(), ctypes.byref(error)
-        )
+        with _PARSER:
+            count = self._lib.msc.msc_rules_add_file(
+                self.pointer, str(path).encode(), ctypes.byref(error)
+            )
         return self._checked(count, error, str(path))
 
     def merge(self, other: RuleSet) -> int:
         """Add another set's rules (shared, not copied) and settings to this one."""
         error = c_void_p()
-        count = self._lib.msc.msc_rules_merge(self.pointer, other.pointer, ctypes.byref(error))
+        with _PARSER:
+            count = self._lib.msc.msc_rules_merge(self.pointer, other.pointer, ctypes.byref(error))
         return self._checked(count, error, "merging rule sets")
 
     def close(self) -> None:
