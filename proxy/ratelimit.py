@@ -137,11 +137,32 @@ class RateLimiter:
             value = ctx.api_key_id
         return f"={value}" if value else f"ip:{ctx.client_ip}"
 
+    def _subject_rate(
+        self, rule: LimitRule, request: BaseRequest, ctx: RequestContext
+    ) -> tuple[str, Rate]:
+        """Who the request counts against, and at what rate (the map file's, if any)."""
+        subject = self._subject(rule, request, ctx)
+        if rule.map_file is None:
+            return subject, rule.rate
+        return subject, self.maps[rule.name].rate(subject.removeprefix("="))
+
     def _apply(
         self, name: str, rate: Rate, subject: str, now: float, tightest: Tightest | None
     ) -> Tightest | None:
         key = digest(f"{name}\0{rate.window:g}\0{subject}")
         allowed, total, seconds = self.counters.update(key, rate.window, now, 1, rate.count)
+        return self._settle(name, rate, allowed, total, seconds, tightest)
+
+    def _settle(
+        self,
+        name: str,
+        rate: Rate,
+        allowed: bool,
+        total: int,
+        seconds: float,
+        tightest: Tightest | None,
+    ) -> Tightest | None:
+        """A counted request, locally or in the cluster: refuse it, or keep the tightest."""
         if not allowed:
             self.refused[name] += 1
             raise _refusal(f"limit:{name}", f"rate limit {rate.text} exceeded", rate, seconds)
@@ -159,10 +180,7 @@ class RateLimiter:
     ) -> Tightest | None:
         now = self.monotonic()
         for rule in rules:
-            subject = self._subject(rule, request, ctx)
-            rate = rule.rate
-            if rule.map_file is not None:
-                rate = self.maps[rule.name].rate(subject.removeprefix("="))
+            subject, rate = self._subject_rate(rule, request, ctx)
             tightest = self._apply(rule.name, rate, subject, now, tightest)
         return tightest
 
@@ -182,13 +200,7 @@ class RateLimiter:
             share = max(1, rate.count // self.config.cluster.expected_nodes)
             return self._apply(name, Rate(share, rate.window, rate.text), subject, now, tightest)
         allowed, total, seconds = result
-        if not allowed:
-            self.refused[name] += 1
-            raise _refusal(f"limit:{name}", f"rate limit {rate.text} exceeded", rate, seconds)
-        remaining = rate.count - total
-        if tightest is None or remaining < tightest.remaining:
-            return Tightest(rate, remaining, seconds)
-        return tightest
+        return self._settle(name, rate, allowed, total, seconds, tightest)
 
     async def _run_cluster(
         self,
@@ -199,10 +211,7 @@ class RateLimiter:
     ) -> Tightest | None:
         now = self.monotonic()
         for rule in rules:
-            subject = self._subject(rule, request, ctx)
-            rate = rule.rate
-            if rule.map_file is not None:
-                rate = self.maps[rule.name].rate(subject.removeprefix("="))
+            subject, rate = self._subject_rate(rule, request, ctx)
             if rule.scope == "cluster":
                 tightest = await self._apply_cluster(rule.name, rate, subject, now, tightest)
             else:
