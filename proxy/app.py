@@ -97,6 +97,7 @@ class Gateway:
             "denied_source": self.anomaly.connections_refused,
             "tls": HANDSHAKES.failures,
             "cluster_fallbacks": self.cluster.fallbacks if self.cluster is not None else 0,
+            "waf_fast_passed": self.waf.counters.fast_passed,
         }
         waf = self.waf.counters
         for action, counts in (("block", waf.blocks), ("detect", waf.detections)):
@@ -109,6 +110,8 @@ class Gateway:
                     m.tls_handshake_failures.inc(delta)
                 elif key == "cluster_fallbacks":
                     m.cluster_fallbacks.inc(delta)
+                elif key == "waf_fast_passed":
+                    m.waf_fast_passed.inc(delta)
                 elif key.startswith("waf\0"):
                     _, action, mode, rule = key.split("\0")
                     m.waf_blocks.labels(mode, rule, action).inc(delta)

@@ -156,6 +156,11 @@ class ProxyMetrics:
             ["mode", "rule", "action"],
             registry=r,
         )
+        self.waf_fast_passed = Counter(
+            "stockade_proxy_waf_fast_passed",
+            "sqli_xss requests passed by the fast pass, without a ModSecurity transaction.",
+            registry=r,
+        )
         self.cluster_degraded = Gauge(
             "stockade_proxy_cluster_degraded",
             "1 while a worker cannot reach Redis: cluster-scoped limits, quotas and anomaly "

@@ -9,6 +9,7 @@ timeout = "1s"                  # the time budget of one request's inspection
 threads = 2                     # engine threads per worker
 max_pending = 64                # inspections waiting for a thread, per worker (more: 503)
 inline_max = 0                 # sqli_xss/zero_trust requests up to this size run on the loop
+fast_pass = true                # sqli_xss: pass what the engine certainly would, without it
 
 [proxy.waf.crs]
 rules_dir = "/usr/share/modsecurity-crs/rules"
@@ -82,6 +83,7 @@ class WafConfig:
     threads: int = 2
     max_pending: int = 64
     inline_max: int = 0  # off: measured, the threads are cheaper under load
+    fast_pass: bool = True  # sqli_xss: proxy/waf/fast_pass.py
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ def parse_waf(section: Section) -> WafConfig:
         threads=section.integer("threads", d.threads, 1, 64),
         max_pending=section.integer("max_pending", d.max_pending, 1, 100_000),
         inline_max=section.size("inline_max", d.inline_max, 0, 1 << 20),
+        fast_pass=section.get("fast_pass", bool, d.fast_pass),
     )
     section.finish()
     return config

@@ -14,6 +14,9 @@ Per request on a route with a WAF mode:
    sqli_xss or zero_trust request up to that size is evaluated on the loop
    instead (off by default: under load the threads cost less CPU per
    request, since they keep the engine's code and data in their caches).
+   Before that, a sqli_xss request the engine would certainly pass (no
+   body, every string the rules read plain and clean to libinjection:
+   proxy/waf/fast_pass.py) passes without a transaction (fast_pass).
 3. The verdict: a block is 403 with only the request id for the client
    (400 for a body that does not parse, 413 for a decompression bomb),
    logged with the rules, their messages and the matched variables
@@ -42,6 +45,7 @@ from stockade.proxy.errors import Refusal
 from stockade.proxy.limits import BodyError
 from stockade.proxy.settings import ProxyConfig, Route
 from stockade.proxy.waf.body import BodyDecodeError, decode, encodings, read_body
+from stockade.proxy.waf.fast_pass import FastPass, fast_pass_for
 from stockade.proxy.waf.findings import MAX_FINDINGS, SECRET_HEADERS, Finding, clip, collect
 from stockade.proxy.waf.modsec import Engine, ModSecurityError, RuleSet
 from stockade.proxy.waf.openapi import OpenApiError, OpenApiGate, RequestFacts, Violation
@@ -61,6 +65,7 @@ class WafCounters:
     blocks: Counter[tuple[str, str]] = field(default_factory=Counter)  # (mode, rule or check)
     detections: Counter[tuple[str, str]] = field(default_factory=Counter)  # detect mode: passed
     inspected: Counter[str] = field(default_factory=Counter)  # by mode
+    fast_passed: int = 0  # sqli_xss requests passed without a transaction
     body_over_limit: Counter[str] = field(default_factory=Counter)  # "rejected", "passed"
     # "inspected", "rejected", and the failures: decompressed_too_large (a bomb),
     # bad_encoding, unsupported_encoding
@@ -74,6 +79,7 @@ class WafCounters:
             "blocks": {f"{m}:{k}": n for (m, k), n in self.blocks.items()},
             "detections": {f"{m}:{k}": n for (m, k), n in self.detections.items()},
             "inspected": dict(self.inspected),
+            "fast_passed": self.fast_passed,
             "body_over_limit": dict(self.body_over_limit),
             "compressed": dict(self.compressed),
             "timeouts": self.timeouts,
@@ -149,6 +155,7 @@ class Waf:
         # by route name: the headers its rules read (lowercase), None for all
         self.headers_read: dict[str, frozenset[bytes] | None] = {}
         self.gates: dict[str, OpenApiGate] = {}  # by route name: zero trust's documents
+        self.fast_pass: FastPass | None = None  # sqli_xss routes' check without the engine
         try:
             self._load(routes)
         except BaseException:
@@ -176,6 +183,8 @@ class Waf:
                 self.headers_read[route.name] = (
                     None if read is None else frozenset(name.encode() for name in read)
                 )
+            if self.settings.fast_pass and any(r.waf.mode == "sqli_xss" for r in engine_routes):
+                self.fast_pass = fast_pass_for(self.settings.sqli_xss_rules, self.settings.library)
         documents: dict[Path, OpenApiGate] = {}
         for route in routes:
             path = route.waf.openapi
@@ -196,7 +205,21 @@ class Waf:
         codings = tuple(encodings(request.headers.get("Content-Encoding"))) if body else ()
         if codings:
             self.counters.compressed["inspected"] += 1
-        job, size = self._job(request, ctx, route, body, codings)
+        gate = self.gates.get(route.name)
+        if gate is not None:
+            job, size = self._openapi_job(gate, request, ctx, body, codings)
+        else:
+            data = self._engine_input(request, ctx, route, body, codings)
+            if (
+                policy.mode == "sqli_xss"
+                and self.fast_pass is not None
+                and not codings
+                and self.fast_pass.passes(data.uri, data.headers, data.body)
+            ):
+                self.counters.fast_passed += 1
+                return
+            rules = self.rules[route.name]
+            job, size = (lambda: self.evaluate(rules, data)), data.size
         offload = policy.mode == "crs" or bool(codings) or size > self.settings.inline_max
         try:
             verdict = await self._offloaded(job) if offload else job()
@@ -244,32 +267,40 @@ class Waf:
             return None
         return read.data
 
-    def _job(
+    def _openapi_job(
+        self,
+        gate: OpenApiGate,
+        request: BaseRequest,
+        ctx: RequestContext,
+        body: bytes | None,
+        codings: tuple[str, ...],
+    ) -> tuple[Callable[[], Verdict], int]:
+        """Zero trust's check as a function of copied data (it may run on another thread)."""
+        facts = RequestFacts(
+            scheme=ctx.scheme,
+            host=request.host,
+            path=ctx.path,
+            method=request.method,
+            query=tuple(request.query.items()),
+            headers=tuple(request.headers.items()),
+            cookies=tuple(request.cookies.items()),
+            content_type=request.headers.get("Content-Type", "").lower(),
+        )
+        size = len(request.raw_path) + len(body or b"")
+        return (lambda: self.check_openapi(gate, facts, body, codings)), size
+
+    def _engine_input(
         self,
         request: BaseRequest,
         ctx: RequestContext,
         route: Route,
         body: bytes | None,
         codings: tuple[str, ...],
-    ) -> tuple[Callable[[], Verdict], int]:
-        """The evaluation as a function of copied data (it may run on another thread)."""
-        gate = self.gates.get(route.name)
-        if gate is not None:
-            facts = RequestFacts(
-                scheme=ctx.scheme,
-                host=request.host,
-                path=ctx.path,
-                method=request.method,
-                query=tuple(request.query.items()),
-                headers=tuple(request.headers.items()),
-                cookies=tuple(request.cookies.items()),
-                content_type=request.headers.get("Content-Type", "").lower(),
-            )
-            size = len(request.raw_path) + len(body or b"")
-            return (lambda: self.check_openapi(gate, facts, body, codings)), size
+    ) -> EngineInput:
+        """The request as the engine takes it, copied (it may run on another thread)."""
         client_port, server, server_port = _addresses(request)
         version = request.version
-        data = EngineInput(
+        return EngineInput(
             client=ctx.client_ip,
             client_port=client_port,
             server=server,
@@ -281,8 +312,6 @@ class Waf:
             codings=codings,
             body=body,
         )
-        rules = self.rules[route.name]
-        return (lambda: self.evaluate(rules, data)), data.size
 
     async def _offloaded(self, job: Callable[[], Verdict]) -> Verdict:
         with self._pending_lock:

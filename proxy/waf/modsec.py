@@ -143,7 +143,8 @@ _LIBRARIES: dict[str, _Library] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def _library(name: str) -> _Library:
+def library(name: str) -> _Library:
+    """The library loaded once per process, with its prototypes declared."""
     with _LOAD_LOCK:
         if name not in _LIBRARIES:
             _LIBRARIES[name] = _Library(name)
@@ -153,8 +154,8 @@ def _library(name: str) -> _Library:
 class Engine:
     """One ModSecurity instance (msc_init); rule sets and transactions hang off it."""
 
-    def __init__(self, library: str = LIBRARY) -> None:
-        self._lib = _library(library)
+    def __init__(self, library_name: str = LIBRARY) -> None:
+        self._lib = library(library_name)
         msc = self._lib.msc
         pointer = msc.msc_init()
         if not pointer:

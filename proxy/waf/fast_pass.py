@@ -1,0 +1,197 @@
+"""sqli_xss's fast pass: telling, without a transaction, that the engine would pass a request.
+
+The shipped sqli_xss rules (rules/sqli_xss.conf, pinned by RULES_SHA256) run
+libinjection's SQLi and XSS checks over the path (REQUEST_FILENAME), its
+last segment (REQUEST_BASENAME), the query's argument names and values,
+cookie names and values, and the User-Agent and Referer headers, after the
+transformations utf8toUnicode, urlDecodeUni, htmlEntityDecode, jsDecode,
+cssDecode and removeNulls. Each of those changes only bytes that a *plain*
+string does not have: ASCII without %, +, &, \\ and NUL. For a request with
+no body and no Content-Type (so no body processor runs and REQBODY_ERROR
+stays 0, and no other rule can act), the engine's verdict is therefore
+exactly: block when libinjection flags one of those strings.
+
+So for such a request, this module takes the strings as ModSecurity 3.0.9
+takes them (Transaction::processURI, extractArguments, the cookie split in
+addRequestHeader) and calls the libinjection functions the engine calls,
+from the engine's own library. The request passes here only when every
+string is plain and libinjection finds nothing in any of them: then no
+transaction is made (the engine's setting up and tearing down of one is
+most of a small request's cost, and the hand-off to an engine thread the
+rest). Anything else - a body, a Content-Type, a string that is not plain,
+a string libinjection flags - goes to the engine as before, and the engine
+gives the verdict with its rule ids and messages. The check may look at
+more strings than the rules do (every header value the engine is given),
+never fewer: an extra string can only send a request to the engine.
+
+tests/waf/test_waf_fast_pass.py holds this to the engine: on randomly built
+requests whose strings are all plain, the fast pass and the engine agree
+in both directions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from urllib.parse import unquote_to_bytes
+
+from stockade.proxy.waf.modsec import ModSecurityError, library
+
+log = logging.getLogger("stockade.proxy.waf")
+
+# The sha256 of the rules file the reasoning above is about. A change to the
+# shipped rules must revisit this module (a test compares the two).
+RULES_SHA256 = "8be039febf75cc99d9ba1f042cd83b2b4d29cf72a9d139fadcefb088e878a035"
+
+# A plain string: bytes 0x01-0x7f except % (0x25), & (0x26), + (0x2b) and \ (0x5c).
+_NOT_PLAIN = re.compile(rb"[^\x01-\x24\x27-\x2a\x2c-\x5b\x5d-\x7f]")
+_C_SPACE = b" \t\n\v\f\r"  # C's isspace(), with which ModSecurity trims cookie names
+CACHE_ENTRIES = 8192  # clean strings remembered per worker
+CACHE_MAX_LENGTH = 512  # longer strings are checked every time
+
+
+def rules_digest(text: bytes) -> str:
+    return hashlib.sha256(text).hexdigest()
+
+
+def is_plain(value: bytes) -> bool:
+    return _NOT_PLAIN.search(value) is None
+
+
+def _getline_split(value: bytes, separator: bytes) -> list[bytes]:
+    """std::getline's tokens, as ModSecurity's ssplit makes them: no trailing empty one."""
+    parts = value.split(separator)
+    if parts[-1] == b"":
+        parts.pop()
+    return parts
+
+
+def query_strings(query: bytes) -> Iterator[bytes]:
+    """ARGS_NAMES and ARGS of a query string (Transaction::extractArguments)."""
+    for pair in _getline_split(query, b"&"):
+        name, _, value = pair.partition(b"=")
+        # urldecode_nonstrict: %XX with two hex digits is decoded, + is a space
+        yield unquote_to_bytes(name.replace(b"+", b" "))
+        yield unquote_to_bytes(value.replace(b"+", b" "))
+
+
+def cookie_strings(header: bytes) -> Iterator[bytes]:
+    """REQUEST_COOKIES_NAMES and REQUEST_COOKIES of one Cookie header (addRequestHeader)."""
+    cookies = _getline_split(header, b";")
+    if cookies:
+        cookies[-1] = cookies[-1].rstrip(_C_SPACE)
+    for cookie in cookies:
+        name, _, value = cookie.partition(b"=")
+        name = name.lstrip(_C_SPACE)
+        if name:  # a cookie without a name is skipped by the engine
+            yield name
+            yield value
+
+
+def uri_strings(uri: bytes) -> Iterator[bytes] | None:
+    """REQUEST_FILENAME, REQUEST_BASENAME and the query's strings; None: not for the fast pass.
+
+    processURI drops a fragment, percent-decodes the whole URI and takes the
+    path up to the first ? of the decoded text: with no % in the path that
+    is the raw path, split where the raw URI splits.
+    """
+    if b"\0" in uri:
+        return None  # the engine takes the URI as a C string
+    uri = uri.split(b"#", 1)[0]
+    path, question, query = uri.partition(b"?")
+    if b"%" in path:
+        return None
+    return _uri_strings(path, query if question else b"")
+
+
+def _uri_strings(path: bytes, query: bytes) -> Iterator[bytes]:
+    yield path
+    yield path.rsplit(b"/", 1)[-1]  # the basename, or the whole path: more, never fewer
+    if query:
+        yield from query_strings(query)
+
+
+class FastPass:
+    """The check, with the library's libinjection and a cache of strings found clean."""
+
+    def __init__(self, library_name: str) -> None:
+        msc = library(library_name).msc
+        try:
+            self._sqli = msc.libinjection_sqli
+            self._xss = msc.libinjection_xss
+        except AttributeError:
+            raise ModSecurityError(
+                f"{library_name} does not export libinjection_sqli/libinjection_xss"
+            ) from None
+        self._sqli.restype = ctypes.c_int
+        self._sqli.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p)
+        self._xss.restype = ctypes.c_int
+        self._xss.argtypes = (ctypes.c_char_p, ctypes.c_size_t)
+        self._local = threading.local()  # libinjection writes a fingerprint: one per thread
+        self._clean: dict[bytes, None] = {}
+
+    def _fingerprint(self) -> ctypes.Array[ctypes.c_char]:
+        buffer: ctypes.Array[ctypes.c_char] | None = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = ctypes.create_string_buffer(8)
+        return buffer
+
+    def flagged(self, value: bytes) -> bool:
+        """libinjection's verdict on one string, as @detectSQLi and @detectXSS call it."""
+        size = len(value)
+        return bool(self._sqli(value, size, self._fingerprint()) or self._xss(value, size))
+
+    def clean(self, values: Iterable[bytes]) -> bool:
+        """Every string plain and unflagged (the clean ones are remembered)."""
+        known = self._clean
+        for value in values:
+            if not value or value in known:
+                continue  # libinjection finds nothing in an empty string (a test checks)
+            if _NOT_PLAIN.search(value) is not None or self.flagged(value):
+                return False
+            if len(value) <= CACHE_MAX_LENGTH:
+                if len(known) >= CACHE_ENTRIES:
+                    known.clear()  # simple and bounded; the common strings come back at once
+                known[value] = None
+        return True
+
+    def passes(
+        self, uri: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
+    ) -> bool:
+        """True: the sqli_xss engine would pass this request. False: ask the engine."""
+        if body:
+            return False
+        strings = uri_strings(uri)
+        if strings is None:
+            return False
+        header_values: list[bytes] = []
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == b"content-type":
+                return False  # a body processor, and its errors: the engine's business
+            if lowered == b"cookie":
+                header_values.extend(cookie_strings(value))
+            else:
+                header_values.append(value)  # User-Agent, Referer, and any other given
+        return self.clean(header_values) and self.clean(strings)
+
+
+def fast_pass_for(rules_file: Path, library_name: str) -> FastPass | None:
+    """A FastPass when the sqli_xss rules are the ones it was written for, else None."""
+    try:
+        text = rules_file.read_bytes()
+    except OSError:
+        return None  # the engine reports the file when it loads it
+    if rules_digest(text) != RULES_SHA256:
+        log.info("waf: sqli_xss rules %s are not the shipped ones: no fast pass", rules_file)
+        return None
+    try:
+        return FastPass(library_name)
+    except ModSecurityError as exc:
+        log.warning("waf: no fast pass for sqli_xss: %s", exc)
+        return None
