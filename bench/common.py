@@ -105,8 +105,8 @@ def save_results(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def load_results(name: str) -> dict[str, Any] | None:
-    path = RESULTS_DIR / f"{name}.json"
+def load_results(name: str, directory: Path = RESULTS_DIR) -> dict[str, Any] | None:
+    path = directory / f"{name}.json"
     if not path.exists():
         return None
     data: dict[str, Any] = json.loads(path.read_text())

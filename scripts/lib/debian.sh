@@ -25,6 +25,7 @@ STOCKADE_DEV_PACKAGES=(
     chromium            # headless: the status page in a browser (tests/integration)
     wrk                 # load generator: reload under load (tests/integration/test_reload_lab.py)
     redis-server        # cluster mode tests start their own (scripts/bootstrap stops the service)
+    python3-matplotlib  # bench/plots.py draws the benchmark plots (tests/bench)
 )
 
 # Prints the packages of "$@" that are not installed, one a line.
