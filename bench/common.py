@@ -17,7 +17,10 @@ from typing import Any
 from stockade.controller import loader
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
+# STOCKADE_BENCH_OUT=DIR sends the results, the README and the plots to DIR
+# instead of bench/: a trial run that must not replace the committed ones.
+OUT_DIR = Path(os.environ.get("STOCKADE_BENCH_OUT") or BENCH_DIR)
+RESULTS_DIR = OUT_DIR / "results"
 PACKAGES = ("python3-bpfcc", "xdp-tools", "nftables", "netsniff-ng", "bpftool")
 # what the kernel benchmarks measure; the L7 one passes its own folders
 KERNEL_SOURCES = ("bpf", "controller", "lab", "stockade")
@@ -97,7 +100,7 @@ def now_iso() -> str:
 
 
 def save_results(name: str, data: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")

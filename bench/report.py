@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH_DIR, RESULTS_DIR, Summary, load_results
+from bench.common import OUT_DIR, RESULTS_DIR, Summary, load_results
 
-README = BENCH_DIR / "README.md"
+README = OUT_DIR / "README.md"
 RATIO_LIMIT = 1.5
 INGRESS = "nft netdev ingress"
 
