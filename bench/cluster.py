@@ -39,7 +39,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from bench import l7
+from bench import gateways, l7
 from bench.common import BenchError, machine, now_iso, save_results, source_revision
 from stockade.cli.client import ControllerUnavailable, call, wait_until_serving
 from stockade.lab import topology
@@ -239,25 +239,12 @@ def throughput(rounds: int, duration: int, tmp: Path) -> dict[str, Any]:
     workers = os.cpu_count() or 1
     with ExitStack() as stack:
         redis = stack.enter_context(running_redis(tmp / "redis-tcp", PASSWORD, tcp=True))
-        upstream_port = l7.free_port()
-        upstream_cfg = tmp / "upstream.cfg"
-        upstream_cfg.write_text(
-            l7.UPSTREAM_CFG.format(host=l7.HOST, port=upstream_port, body=l7.BODY.decode())
-        )
-        upstream = stack.enter_context(
-            l7.serving(
-                "upstream",
-                ["haproxy", "-f", str(upstream_cfg), "-db"],
-                upstream_port,
-                tmp / "upstream.log",
-            )
-        )
+        upstream_port, upstream = l7.start_upstream(stack, tmp)
         targets = []
         for index, name in enumerate(VARIANTS):
             port = l7.free_port()
-            text = l7.STOCKADE_TOML.format(
+            text = gateways.stockade_toml(
                 workers=workers,
-                host=l7.HOST,
                 port=port,
                 upstream_port=upstream_port,
                 state=tmp / f"state-{index}",
@@ -266,10 +253,7 @@ def throughput(rounds: int, duration: int, tmp: Path) -> dict[str, Any]:
                 scope = "cluster" if index == 2 else "local"
                 text += LIMIT_TOML.format(rate=HUGE_RATE, scope=scope)
                 text += f'[cluster]\nbackend = "redis"\nurl = "{redis.url(tcp=True)}"\n'
-            config = tmp / f"proxy-{index}.toml"
-            config.write_text(text)
-            argv = [*STOCKADE, "--config", str(config), "proxy", "run"]
-            pid = stack.enter_context(l7.serving(name, argv, port, tmp / f"proxy-{index}.log"))
+            pid = l7.start_stockade(stack, tmp, f"proxy-{index}", text, port)
             targets.append(l7.Target(name, port, pid, processes=1 + workers))
         check_counted(targets[2].port, redis)
         for target in targets:

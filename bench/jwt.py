@@ -44,20 +44,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import jwt as pyjwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-
-from bench import l7, report
+from bench import gateways, l7, report
 from bench.common import BENCH_DIR, BenchError, machine, now_iso, save_results, source_revision
 from bench.report import JWT_DISTINCT, JWT_HAPROXY, JWT_NONE, JWT_REPEATED
 
 HOST = l7.HOST
 OPEN_PATH = "/open"
 JWT_PATH = "/jwt"
-ISSUER = "https://bench.test/"
-AUDIENCE = "bench"
-TOKEN_LIFETIME_S = 3600
 TOKENS = 50_000
 CACHE_SIZE = 10_000  # proxy/jwt_auth.py JwtVerifier's default, per worker
 DURATION_S = 4
@@ -68,146 +61,18 @@ COMMAND = ".venv/bin/python -m bench.jwt"
 TOKENS_SCRIPT = BENCH_DIR / "wrk_tokens.lua"
 PER_IP_LIMIT = 100_000_000  # per minute: counted on every request, never reached
 
-STOCKADE_TOML = """\
-[proxy]
-workers = {workers}
-status_dir = "{state}/status"
-metrics_dir = "{state}/metrics"
-access_log = "/dev/null"
-drain_timeout = "5s"
 
-# metrics are counted as in production; served on a free port
-[proxy.admin]
-port = 0
-
-[[proxy.listeners]]
-address = "{host}"
-port = {port}
-
-[proxy.pools.upstream]
-servers = ["{host}:{upstream_port}"]
-
-[proxy.pools.upstream.health]
-enabled = false
-
-# a per-IP limit on every route, as HAProxy's stick table below; high enough
-# that it never refuses here: both gateways count every request and pass it
-[proxy.rate_limiting.limits.per_ip]
-rate = "{per_ip_limit}/min"
-all_routes = true
-
-[proxy.auth.issuers.bench]
-issuer = "{issuer}"
-audience = ["{audience}"]
-algorithms = ["RS256"]
-key_files = ["{key_file}"]
-
-[[proxy.routes]]
-name = "open"
-pool = "upstream"
-auth = "none"
-
-[[proxy.routes]]
-name = "jwt"
-pool = "upstream"
-path_prefix = "{jwt_path}"
-auth = "jwt"
-"""
-
-# l7's plain proxy, plus on /jwt the checks stockade makes: alg, iss, aud, exp
-# (date() is whole seconds), then the RS256 signature, on every request.
-HAPROXY_CFG = """\
-global
-    nbthread {threads}
-    maxconn 4096
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend proxy
-    bind {host}:{port}
-    stick-table type ip size 100k expire 60s store http_req_rate(60s)
-    http-request track-sc0 src
-    http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt {per_ip_limit} }}
-    acl jwt_path path_beg {jwt_path}
-    http-request set-var(txn.bearer) http_auth_bearer if jwt_path
-    http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg') if jwt_path
-    http-request set-var(txn.now) date() if jwt_path
-    http-request deny deny_status 401 if jwt_path !{{ var(txn.alg) -m str RS256 }}
-    http-request deny deny_status 401 if jwt_path \
-!{{ var(txn.bearer),jwt_payload_query('$.iss') -m str {issuer} }}
-    http-request deny deny_status 401 if jwt_path \
-!{{ var(txn.bearer),jwt_payload_query('$.aud') -m str {audience} }}
-    http-request deny deny_status 401 if jwt_path \
-!{{ var(txn.bearer),jwt_payload_query('$.exp','int'),sub(txn.now) -m int gt 0 }}
-    http-request deny deny_status 401 if jwt_path \
-!{{ var(txn.bearer),jwt_verify(txn.alg,"{key_file}") -m int 1 }}
-    default_backend upstream
-backend upstream
-    http-reuse always
-    server upstream {host}:{upstream_port}
-"""
-
-
-def _sign(private_pem: bytes, first: int, count: int, exp: int) -> list[str]:
-    key = serialization.load_pem_private_key(private_pem, password=None)
-    assert isinstance(key, rsa.RSAPrivateKey)
-    claims: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "exp": exp}
-    return [
-        pyjwt.encode({**claims, "sub": f"u{n}"}, key, algorithm="RS256")
-        for n in range(first, first + count)
-    ]
-
-
-def make_tokens(private_pem: bytes, count: int) -> list[str]:
+def make_tokens(private: bytes, count: int) -> list[str]:
     """`count` different RS256 tokens, signed on every CPU (about 0.3 ms each here)."""
-    exp = int(time.time()) + TOKEN_LIFETIME_S
+    exp = gateways.token_expiry()
     jobs = os.cpu_count() or 1
     chunk = -(-count // jobs)
     with ProcessPoolExecutor(jobs) as pool:
         parts = [
-            pool.submit(_sign, private_pem, first, min(chunk, count - first), exp)
+            pool.submit(gateways.sign, private, first, min(chunk, count - first), exp)
             for first in range(0, count, chunk)
         ]
         return [token for part in parts for token in part.result()]
-
-
-def _private_pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def make_keys(tmp: Path) -> tuple[bytes, Path]:
-    """A fresh RSA-2048 key pair: the private key's PEM, and the public key's file."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = tmp / "pub.pem"
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return _private_pem(key), public
-
-
-def other_key() -> bytes:
-    """A private key the proxies do not know, for the forged token of check_auth."""
-    return _private_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-
-
-def check_auth(name: str, port: int, good: str, forged: str) -> None:
-    """The /jwt route refuses no token and a token signed by another key, takes a good one."""
-    for label, headers, ok in (
-        ("no token", {}, False),
-        ("a token signed by another key", {"Authorization": f"Bearer {forged}"}, False),
-        ("a valid token", {"Authorization": f"Bearer {good}"}, True),
-    ):
-        status, _ = l7.get(port, JWT_PATH, headers)
-        if (status == 200) != ok or (not ok and status not in (401, 403)):
-            raise BenchError(f"{name}: GET {JWT_PATH} with {label} answered {status}")
 
 
 def run(rounds: int, duration: int, token_count: int, profile: bool) -> dict[str, Any]:
@@ -215,77 +80,47 @@ def run(rounds: int, duration: int, token_count: int, profile: bool) -> dict[str
     workers = os.cpu_count() or 1
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stockade-bench-")))
-        private_pem, public_file = make_keys(tmp)
+        private_pem, public_file = gateways.make_keys(tmp)
+        issuer = gateways.Issuer(public_file)
         signing = time.monotonic()
         tokens = make_tokens(private_pem, token_count + 1)
         signing_s = time.monotonic() - signing
         repeated, distinct = tokens[0], tokens[1:]
         token_file = tmp / "tokens.txt"
         token_file.write_text("".join(f"Bearer {token}\n" for token in distinct))
-        forged = _sign(other_key(), 0, 1, int(time.time()) + TOKEN_LIFETIME_S)[0]
+        forged = gateways.sign(gateways.other_key(), 0, 1, gateways.token_expiry())[0]
 
-        upstream_port, stockade_port, haproxy_port = (l7.free_port() for _ in range(3))
-
-        def config(name: str, text: str) -> Path:
-            path = tmp / name
-            path.write_text(text)
-            return path
-
-        upstream_cfg = config(
-            "upstream.cfg",
-            l7.UPSTREAM_CFG.format(host=HOST, port=upstream_port, body=l7.BODY.decode()),
-        )
-        upstream = stack.enter_context(
-            l7.serving(
-                "upstream",
-                ["haproxy", "-f", str(upstream_cfg), "-db"],
-                upstream_port,
-                tmp / "upstream.log",
-            )
-        )
-        toml = config(
-            "stockade.toml",
-            STOCKADE_TOML.format(
-                workers=workers,
-                host=HOST,
-                port=stockade_port,
-                state=tmp / "state",
-                upstream_port=upstream_port,
-                issuer=ISSUER,
-                audience=AUDIENCE,
-                key_file=public_file,
-                jwt_path=JWT_PATH,
-                per_ip_limit=PER_IP_LIMIT,
+        upstream_port, upstream = l7.start_upstream(stack, tmp)
+        stockade_port, haproxy_port = l7.free_port(), l7.free_port()
+        # a per-IP limit on every route of both gateways, high enough that it never
+        # refuses here: both count every request and pass it
+        per_ip = (gateways.PER_IP,)
+        toml = gateways.stockade_toml(
+            workers=workers,
+            port=stockade_port,
+            upstream_port=upstream_port,
+            state=tmp / "state",
+            routes=(
+                gateways.Route("open", auth="none"),
+                gateways.Route("jwt", path_prefix=JWT_PATH, auth="jwt"),
             ),
+            limits=per_ip,
+            limit_per_min=PER_IP_LIMIT,
+            all_routes=True,
+            issuer=issuer,
         )
-        argv = [*l7.STOCKADE, "--config", str(toml), "proxy", "run"]
-        stockade_pid = stack.enter_context(
-            l7.serving("stockade", argv, stockade_port, tmp / "stockade.log")
+        stockade_pid = l7.start_stockade(stack, tmp, "stockade", toml, stockade_port)
+        rules, tables = gateways.haproxy_limits(per_ip, PER_IP_LIMIT)
+        haproxy_cfg = gateways.haproxy_cfg(
+            threads=workers,
+            port=haproxy_port,
+            upstream_port=upstream_port,
+            frontend=rules + gateways.haproxy_jwt(issuer, (JWT_PATH,)),
+            tables=tables,
         )
-        haproxy_cfg = config(
-            "haproxy.cfg",
-            HAPROXY_CFG.format(
-                threads=workers,
-                host=HOST,
-                port=haproxy_port,
-                upstream_port=upstream_port,
-                issuer=ISSUER,
-                audience=AUDIENCE,
-                key_file=public_file,
-                jwt_path=JWT_PATH,
-                per_ip_limit=PER_IP_LIMIT,
-            ),
-        )
-        haproxy_pid = stack.enter_context(
-            l7.serving(
-                "HAProxy",
-                ["haproxy", "-f", str(haproxy_cfg), "-db"],
-                haproxy_port,
-                tmp / "haproxy.log",
-            )
-        )
-        check_auth("stockade", stockade_port, repeated, forged)
-        check_auth("HAProxy", haproxy_port, repeated, forged)
+        haproxy_pid = l7.start_haproxy(stack, tmp, "HAProxy", haproxy_cfg, haproxy_port)
+        for name, port in (("stockade", stockade_port), ("HAProxy", haproxy_port)):
+            gateways.check_jwt(name, port, JWT_PATH, repeated, forged)
 
         stockade = l7.Target("stockade", stockade_port, stockade_pid, processes=1 + workers)
         haproxy = l7.Target("HAProxy", haproxy_port, haproxy_pid)

@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import gateways, report
 from bench.common import BENCH_DIR, BenchError, machine, now_iso, save_results, source_revision
 from bench.report import DIRECT, HAPROXY, STOCKADE_1, STOCKADE_N
 
-HOST = "127.0.0.1"
+HOST = gateways.HOST
 PATH = "/"
 BODY = b'{"ok":true}'
 THREADS = 1
@@ -80,51 +80,6 @@ defaults
 frontend upstream
     bind {host}:{port}
     http-request return status 200 content-type application/json string '{body}'
-"""
-
-# A plain proxy: no logging, keep-alive on both sides, idle server
-# connections shared between clients.
-HAPROXY_CFG = """\
-global
-    nbthread {threads}
-    maxconn 4096
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend proxy
-    bind {host}:{port}
-    default_backend upstream
-backend upstream
-    http-reuse always
-    server upstream {host}:{upstream_port}
-"""
-
-STOCKADE_TOML = """\
-[proxy]
-workers = {workers}
-status_dir = "{state}/status"
-metrics_dir = "{state}/metrics"
-access_log = "/dev/null"
-drain_timeout = "5s"
-
-# metrics are counted as in production; served on a free port
-[proxy.admin]
-port = 0
-
-[[proxy.listeners]]
-address = "{host}"
-port = {port}
-
-[proxy.pools.upstream]
-servers = ["{host}:{upstream_port}"]
-
-[proxy.pools.upstream.health]
-enabled = false
-
-[[proxy.routes]]
-pool = "upstream"
 """
 
 
@@ -220,6 +175,34 @@ def serving(name: str, argv: list[str], port: int, log: Path) -> Iterator[int]:
             print(f"l7: {name} left process {pid} behind; killing it", file=sys.stderr)
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def start_upstream(stack: ExitStack, tmp: Path) -> tuple[int, int]:
+    """The upstream (UPSTREAM_CFG) on a free port for as long as stack; its port and pid."""
+    port = free_port()
+    cfg = tmp / "upstream.cfg"
+    cfg.write_text(UPSTREAM_CFG.format(host=HOST, port=port, body=BODY.decode()))
+    argv = ["haproxy", "-f", str(cfg), "-db"]
+    return port, stack.enter_context(serving("upstream", argv, port, tmp / "upstream.log"))
+
+
+def start_stockade(stack: ExitStack, tmp: Path, name: str, toml: str, port: int) -> int:
+    """`stockade proxy run` with this config, serving on port for as long as stack; its
+    master's pid."""
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    config = tmp / f"{slug}.toml"
+    config.write_text(toml)
+    argv = [*STOCKADE, "--config", str(config), "proxy", "run"]
+    return stack.enter_context(serving(name, argv, port, tmp / f"{slug}.log"))
+
+
+def start_haproxy(stack: ExitStack, tmp: Path, name: str, cfg: str, port: int) -> int:
+    """haproxy with this config, serving on port for as long as stack; its pid."""
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    config = tmp / f"{slug}.cfg"
+    config.write_text(cfg)
+    argv = ["haproxy", "-f", str(config), "-db"]
+    return stack.enter_context(serving(name, argv, port, tmp / f"{slug}.log"))
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -432,55 +415,18 @@ def run(rounds: int, duration: int, profile: bool) -> dict[str, Any]:
     workers = os.cpu_count() or 1
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stockade-bench-")))
-        ports = {name: free_port() for name in (DIRECT, STOCKADE_1, STOCKADE_N, HAPROXY)}
-        upstream_port = ports[DIRECT]
-
-        def config(name: str, text: str) -> Path:
-            path = tmp / name
-            path.write_text(text)
-            return path
-
-        upstream_cfg = config(
-            "upstream.cfg", UPSTREAM_CFG.format(host=HOST, port=upstream_port, body=BODY.decode())
-        )
-        upstream = stack.enter_context(
-            serving(
-                "upstream",
-                ["haproxy", "-f", str(upstream_cfg), "-db"],
-                upstream_port,
-                tmp / "upstream.log",
-            )
-        )
+        upstream_port, upstream = start_upstream(stack, tmp)
         targets = [Target(DIRECT, upstream_port, None)]
         for name, count in ((STOCKADE_1, 1), (STOCKADE_N, workers)):
-            toml = config(
-                f"stockade-{count}.toml",
-                STOCKADE_TOML.format(
-                    workers=count,
-                    host=HOST,
-                    port=ports[name],
-                    upstream_port=upstream_port,
-                    state=tmp / f"state-{count}",
-                ),
+            port = free_port()
+            toml = gateways.stockade_toml(
+                workers=count, port=port, upstream_port=upstream_port, state=tmp / f"state-{count}"
             )
-            argv = [*STOCKADE, "--config", str(toml), "proxy", "run"]
-            pid = stack.enter_context(serving(name, argv, ports[name], tmp / f"{count}.log"))
-            targets.append(Target(name, ports[name], pid, processes=1 + count))
-        haproxy_cfg = config(
-            "haproxy.cfg",
-            HAPROXY_CFG.format(
-                threads=workers, host=HOST, port=ports[HAPROXY], upstream_port=upstream_port
-            ),
-        )
-        pid = stack.enter_context(
-            serving(
-                HAPROXY,
-                ["haproxy", "-f", str(haproxy_cfg), "-db"],
-                ports[HAPROXY],
-                tmp / "haproxy.log",
-            )
-        )
-        targets.append(Target(HAPROXY, ports[HAPROXY], pid))
+            pid = start_stockade(stack, tmp, name, toml, port)
+            targets.append(Target(name, port, pid, processes=1 + count))
+        port = free_port()
+        cfg = gateways.haproxy_cfg(threads=workers, port=port, upstream_port=upstream_port)
+        targets.append(Target(HAPROXY, port, start_haproxy(stack, tmp, HAPROXY, cfg, port)))
 
         for target in targets:  # warm up: connections, caches, the upstream pools
             measure(target, upstream, WARMUP_S)

@@ -32,10 +32,8 @@ Run: .venv/bin/python -m bench.limits [--rounds N] [--duration S]
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -44,14 +42,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench import l7, report
+from bench import gateways, l7, report
 from bench.common import BenchError, machine, now_iso, save_results, source_revision
 from bench.report import LIMITS_HAPROXY, LIMITS_HAPROXY_THREE, LIMITS_NONE, LIMITS_THREE
 
 HOST = l7.HOST
-TENANT_HEADER = "X-Tenant"
+TENANT_HEADER = gateways.TENANT_HEADER
 TENANT = "t1"
-QUERY_KEY = "key"
+QUERY_KEY = gateways.QUERY_KEY
 KEY = "k1"
 OPEN_PATH = "/open"
 LIMITED_PATH = "/limited"
@@ -61,150 +59,7 @@ DURATION_S = 5
 ROUNDS = 10
 WARMUP_S = 2
 COMMAND = ".venv/bin/python -m bench.limits"
-LIMIT_NAMES = ("per_ip", "per_tenant", "per_key")
-HAPROXY_TABLES = ("st_src", "st_tenant", "st_key")
-
-STOCKADE_TOML = """\
-[proxy]
-workers = {workers}
-status_dir = "{state}/status"
-metrics_dir = "{state}/metrics"
-access_log = "/dev/null"
-drain_timeout = "5s"
-
-# metrics are counted as in production; served on a free port
-[proxy.admin]
-port = 0
-
-[[proxy.listeners]]
-address = "{host}"
-port = {port}
-
-[proxy.pools.upstream]
-servers = ["{host}:{upstream_port}"]
-
-[proxy.pools.upstream.health]
-enabled = false
-
-[proxy.rate_limiting.limits.per_ip]
-rate = "{limit}/min"
-key = "ip"
-
-[proxy.rate_limiting.limits.per_tenant]
-rate = "{limit}/min"
-key = "header:{header}"
-
-[proxy.rate_limiting.limits.per_key]
-rate = "{limit}/min"
-key = "query:{query}"
-
-[[proxy.routes]]
-name = "open"
-pool = "upstream"
-
-[[proxy.routes]]
-name = "limited"
-pool = "upstream"
-path_prefix = "{limited_path}"
-rate_limits = ["per_ip", "per_tenant", "per_key"]
-"""
-
-# l7's plain proxy; {tables} adds three stick tables (HAProxy keeps one per
-# section, so each lives in an otherwise empty backend) and their rules.
-HAPROXY_CFG = """\
-global
-    nbthread {threads}
-    maxconn 4096
-    stats socket {stats_socket} mode 600 level admin
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend proxy
-    bind {host}:{port}
-{rules}    default_backend upstream
-backend upstream
-    http-reuse always
-    server upstream {host}:{upstream_port}
-{tables}"""
-
-HAPROXY_RULES = """\
-    http-request track-sc0 src table st_src
-    http-request track-sc1 req.hdr({header}) table st_tenant
-    http-request track-sc2 url_param({query}) table st_key
-    http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt {limit} }}
-    http-request deny deny_status 429 if {{ sc_http_req_rate(1) gt {limit} }}
-    http-request deny deny_status 429 if {{ sc_http_req_rate(2) gt {limit} }}
-"""
-
-HAPROXY_TABLES_CFG = """\
-backend st_src
-    stick-table type ip size 100k expire 60s store http_req_rate(60s)
-backend st_tenant
-    stick-table type string len 64 size 100k expire 60s store http_req_rate(60s)
-backend st_key
-    stick-table type string len 64 size 100k expire 60s store http_req_rate(60s)
-"""
-
-
-def get_headers(port: int, path: str) -> tuple[int, dict[str, str]]:
-    """The benchmark's request, once; its status and response headers."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        conn.request("GET", path + QUERY, headers={TENANT_HEADER: TENANT})
-        response = conn.getresponse()
-        response.read()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}
-    finally:
-        conn.close()
-
-
-def check_stockade(port: int) -> None:
-    """On /limited RateLimit-Remaining goes down by one per request; /open has none."""
-    for path, limited in ((OPEN_PATH, False), (LIMITED_PATH, True)):
-        seen = []
-        for _ in range(2):
-            status, headers = get_headers(port, path)
-            if status != 200:
-                raise BenchError(f"stockade: GET {path}{QUERY} answered {status}")
-            seen.append(headers.get("ratelimit-remaining"))
-        if not limited:
-            if seen != [None, None]:
-                raise BenchError(
-                    f"stockade: RateLimit-Remaining {seen} on {path}, a route without limits"
-                )
-        elif None in seen or int(seen[0] or 0) - int(seen[1] or 0) != 1:
-            raise BenchError(
-                f"stockade: RateLimit-Remaining on {path} went {seen}, expected down by one"
-            )
-
-
-def haproxy_command(stats_socket: Path, command: str) -> str:
-    """One command on HAProxy's stats socket; its whole answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        try:
-            sock.connect(str(stats_socket))
-            sock.sendall(command.encode() + b"\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except OSError as exc:
-            raise BenchError(f"HAProxy's stats socket {stats_socket}: {exc}") from None
-    return b"".join(chunks).decode(errors="replace")
-
-
-def check_haproxy_tables(stats_socket: Path) -> dict[str, str]:
-    """Each table holds the request's key with a request rate; the entries, by table."""
-    entries = {}
-    for table, key in zip(HAPROXY_TABLES, ("127.0.0.1", TENANT, KEY), strict=True):
-        answer = haproxy_command(stats_socket, f"show table {table}")
-        found = [line for line in answer.splitlines() if f"key={key} " in line]
-        if not found or "http_req_rate(60000)=0" in found[0]:
-            raise BenchError(f"HAProxy's table {table} does not count key {key}:\n{answer}")
-        entries[table] = found[0].strip()
-    return entries
+LIMIT_NAMES = tuple(limit.name for limit in gateways.THREE_LIMITS)
 
 
 def run(rounds: int, duration: int) -> dict[str, Any]:
@@ -222,76 +77,50 @@ def run(rounds: int, duration: int) -> dict[str, Any]:
     }
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stockade-bench-")))
-        upstream_port = l7.free_port()
+        upstream_port, upstream = l7.start_upstream(stack, tmp)
         ports = {name: l7.free_port() for name in (LIMITS_NONE, LIMITS_HAPROXY)}
         ports[LIMITS_HAPROXY_THREE] = l7.free_port()
-
-        def config(name: str, text: str) -> Path:
-            path = tmp / name
-            path.write_text(text)
-            return path
-
-        upstream_cfg = config(
-            "upstream.cfg",
-            l7.UPSTREAM_CFG.format(host=HOST, port=upstream_port, body=l7.BODY.decode()),
-        )
-        upstream = stack.enter_context(
-            l7.serving(
-                "upstream",
-                ["haproxy", "-f", str(upstream_cfg), "-db"],
-                upstream_port,
-                tmp / "upstream.log",
-            )
-        )
-        toml = config(
-            "stockade.toml",
-            STOCKADE_TOML.format(
-                workers=workers,
-                host=HOST,
-                port=ports[LIMITS_NONE],
-                upstream_port=upstream_port,
-                limit=LIMIT_PER_MIN,
-                header=TENANT_HEADER,
-                query=QUERY_KEY,
-                limited_path=LIMITED_PATH,
-                state=tmp / "state",
+        toml = gateways.stockade_toml(
+            workers=workers,
+            port=ports[LIMITS_NONE],
+            upstream_port=upstream_port,
+            state=tmp / "state",
+            routes=(
+                gateways.Route("open"),
+                gateways.Route("limited", path_prefix=LIMITED_PATH, rate_limits=LIMIT_NAMES),
             ),
+            limits=gateways.THREE_LIMITS,
+            limit_per_min=LIMIT_PER_MIN,
         )
-        argv = [*l7.STOCKADE, "--config", str(toml), "proxy", "run"]
-        stockade = stack.enter_context(
-            l7.serving("stockade", argv, ports[LIMITS_NONE], tmp / "stockade.log")
-        )
-        check_stockade(ports[LIMITS_NONE])
+        stockade = l7.start_stockade(stack, tmp, "stockade", toml, ports[LIMITS_NONE])
+        request = {TENANT_HEADER: TENANT}
+        for path, limited in ((OPEN_PATH, False), (LIMITED_PATH, True)):
+            gateways.check_rate_headers(
+                "stockade", ports[LIMITS_NONE], path + QUERY, limited, request
+            )
         targets = {
             name: l7.Target(name, ports[LIMITS_NONE], stockade, processes=1 + workers)
             for name in (LIMITS_NONE, LIMITS_THREE)
         }
         stats_socket = tmp / "haproxy-tables.sock"
         for name, tables in ((LIMITS_HAPROXY, False), (LIMITS_HAPROXY_THREE, True)):
-            cfg = config(
-                f"haproxy-{int(tables)}.cfg",
-                HAPROXY_CFG.format(
-                    threads=workers,
-                    stats_socket=stats_socket if tables else tmp / "haproxy-plain.sock",
-                    host=HOST,
-                    port=ports[name],
-                    upstream_port=upstream_port,
-                    rules=HAPROXY_RULES.format(
-                        header=TENANT_HEADER, query=QUERY_KEY, limit=LIMIT_PER_MIN
-                    )
-                    if tables
-                    else "",
-                    tables=HAPROXY_TABLES_CFG if tables else "",
-                ),
+            rules, sections = gateways.haproxy_limits(gateways.THREE_LIMITS, LIMIT_PER_MIN)
+            cfg = gateways.haproxy_cfg(
+                threads=workers,
+                port=ports[name],
+                upstream_port=upstream_port,
+                frontend=rules if tables else "",
+                tables=sections if tables else "",
+                stats_socket=stats_socket if tables else None,
             )
-            argv = ["haproxy", "-f", str(cfg), "-db"]
-            log = tmp / f"haproxy-{int(tables)}.log"
-            pid = stack.enter_context(l7.serving(name, argv, ports[name], log))
+            pid = l7.start_haproxy(stack, tmp, name, cfg, ports[name])
             targets[name] = l7.Target(name, ports[name], pid)
 
         for name, target in targets.items():  # warm up: connections, caches, the pools
             l7.measure(target, upstream, WARMUP_S, loads[name])
-        table_entries = check_haproxy_tables(stats_socket)
+        table_entries = gateways.check_haproxy_tables(
+            stats_socket, gateways.THREE_LIMITS, ("127.0.0.1", TENANT, KEY)
+        )
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         rng = random.Random(5)
         for done in range(rounds):
@@ -301,7 +130,10 @@ def run(rounds: int, duration: int) -> dict[str, Any]:
                 samples[name].append(l7.measure(targets[name], upstream, duration, loads[name]))
             line = ", ".join(f"{name} {samples[name][-1]['rps']:.0f}" for name in targets)
             print(f"limits: round {done + 1}/{rounds}: requests/s {line}", file=sys.stderr)
-        check_stockade(ports[LIMITS_NONE])  # still counting, not refusing
+        # still counting, not refusing
+        gateways.check_rate_headers(
+            "stockade", ports[LIMITS_NONE], LIMITED_PATH + QUERY, True, request
+        )
     return {
         "bench": "limits",
         "date": now_iso(),
@@ -313,9 +145,8 @@ def run(rounds: int, duration: int) -> dict[str, Any]:
         "header": f"{TENANT_HEADER}: {TENANT}",
         "limit_per_min": LIMIT_PER_MIN,
         "limits": [
-            {"name": "per_ip", "key": "ip", "haproxy": "src"},
-            {"name": "per_tenant", "key": f"header:{TENANT_HEADER}", "haproxy": "req.hdr"},
-            {"name": "per_key", "key": f"query:{QUERY_KEY}", "haproxy": "url_param"},
+            {"name": limit.name, "key": limit.key, "haproxy": limit.fetch}
+            for limit in gateways.THREE_LIMITS
         ],
         "haproxy_tables": table_entries,
         "body_bytes": len(l7.BODY),
