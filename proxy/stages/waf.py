@@ -19,8 +19,8 @@ def waf_stage(waf: Waf) -> Stage:
     def stage(request: BaseRequest, ctx: RequestContext) -> Awaitable[None] | None:
         route = ctx.route
         assert route is not None, "the path stage runs first"
-        if route.waf.mode == "off":
-            return None  # no coroutine for routes without a WAF
+        if route.waf.mode == "off" or waf.passes_fast(request, route):
+            return None  # no coroutine for routes without a WAF, nor for a fast pass
         return waf.inspect(request, ctx, route)
 
     return stage
