@@ -5,7 +5,10 @@ transactions, and the gateway's requests/s with each mode next to `off`.
    request (proxy/waf/firewall.py: Waf.evaluate for sqli_xss and crs, a
    ModSecurity transaction through the ctypes binding; Waf.check_openapi
    for zero_trust), on the same mix of four requests, once clean and once
-   attacking (SQLi, XSS, LFI, SQLi in a JSON body). Each round times every
+   attacking (SQLi, XSS, LFI, SQLi in a JSON body). sqli_xss is timed as
+   the WAF stage runs it (the fast pass, with nothing remembered between
+   requests, then the engine for what it does not pass) and as
+   sqli_xss_engine, every request through a transaction. Each round times every
    mode and mix in a shuffled order; microseconds per request = the time of
    `iterations` passes over the mix / (iterations x 4).
 2. Memory: `transactions` sqli_xss transactions through the binding, half of
@@ -14,9 +17,12 @@ transactions, and the gateway's requests/s with each mode next to `off`.
 3. The gateway: the set-up of bench/l7.py (everything on 127.0.0.1, HAProxy
    as the upstream) with one `stockade proxy run` of N workers and a route
    per mode: /off/, /sqli_xss/, /crs/, /zero_trust/ (whose OpenAPI document
-   declares the request). wrk sends the same clean GET with a query string
-   and browser-like headers to each route, once per round in a shuffled
-   order; requests/s and the proxy's CPU per request as in case 3.
+   declares the request). wrk sends clean GETs with a query string and
+   browser-like headers to each route, once per round in a shuffled order,
+   with a different query value on every request (bench/wrk_paths.lua; so
+   no cache holds it); sqli_xss_engine is the sqli_xss route with a query
+   value that is not plain ASCII (caf%C3%A9), which the fast pass leaves to
+   the engine. Requests/s and the proxy's CPU per request as in case 3.
 
 Run: .venv/bin/python -m bench.waf [--rounds N] [--duration S] [--transactions N]
      .venv/bin/python -m bench.waf --leak-only   # part 2 alone, the full million
@@ -38,8 +44,9 @@ from typing import Any
 
 from bench import l7, report
 from bench.common import BenchError, machine, now_iso, save_results, source_revision
-from bench.report import WAF_MIXES, WAF_MODES
+from bench.report import WAF_MIXES, WAF_MODES, WAF_ROWS
 from stockade.proxy.settings import Pool, ProxyConfig, Route, Server
+from stockade.proxy.waf.fast_pass import FastPass
 from stockade.proxy.waf.firewall import PASS, EngineInput, Verdict, Waf, headers_for_rules
 from stockade.proxy.waf.modsec import Engine
 from stockade.proxy.waf.openapi import RequestFacts
@@ -51,10 +58,12 @@ API_HOST = "api.example.com"
 ROUNDS = 7
 DURATION_S = 4
 WARMUP_S = 2
-ITERATIONS = {"sqli_xss": 400, "crs": 40, "zero_trust": 40}  # passes over the mix per round
+# passes over the mix per round
+ITERATIONS = {"sqli_xss": 400, "sqli_xss_engine": 400, "crs": 40, "zero_trust": 40}
 TRANSACTIONS = 1_000_000
 CHECKPOINT = 100_000
 COMMAND = ".venv/bin/python -m bench.waf"
+WRK_PATHS = Path(__file__).resolve().parent / "wrk_paths.lua"
 UA = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0"
 HEADERS = (
     ("Host", API_HOST),
@@ -64,6 +73,11 @@ HEADERS = (
     ("Cookie", "session=9f8e7d6c5b4a; theme=dark"),
 )
 GATEWAY_PATH = "/api/items?q=hello+world&page=2"
+# The gateway's load: a different query on every request (words + a number).
+GATEWAY_QUERY = "/api/items?q={words}+{n}&page={page}"
+GATEWAY_ENGINE_QUERY = "/api/items?q=caf%C3%A9+{words}+{n}&page={page}"  # not plain: the engine
+WORDS = ("red", "shoes", "size", "blue", "coat", "winter", "sale", "linen", "shirt", "kids")
+GATEWAY_PATHS = 50_000  # per route; more than a run sends at this host's speed
 
 OPENAPI = {
     "openapi": "3.0.3",
@@ -196,9 +210,22 @@ def _waf(tmp: Path) -> Waf:
     return Waf(ProxyConfig(routes=routes, pools=(pool,)))
 
 
+def _staged(
+    fast: FastPass, data: EngineInput, engine: Callable[[], Verdict]
+) -> Callable[[], Verdict]:
+    """sqli_xss as the stage runs it: the fast pass, else the engine."""
+
+    def job() -> Verdict:
+        fast.forget()  # nothing remembered from the request before: every string checked
+        return PASS if fast.passes(data.uri, data.headers, data.body) else engine()
+
+    return job
+
+
 def _jobs(waf: Waf, mode: str, mix: str) -> list[Callable[[], Verdict]]:
     """The evaluation of each request of a mix, as the WAF stage would run it."""
     jobs: list[Callable[[], Verdict]] = []
+    engine_mode = "sqli_xss" if mode == "sqli_xss_engine" else mode
     for method, target, body, headers in MIXES[mix]:
         if mode == "zero_trust":
             path, _, query = target.partition("?")
@@ -222,21 +249,29 @@ def _jobs(waf: Waf, mode: str, mix: str) -> list[Callable[[], Verdict]]:
                 method,
                 "1.1",
                 headers_for_rules(
-                    tuple((n.encode(), v.encode()) for n, v in headers), waf.headers_read[mode]
+                    tuple((n.encode(), v.encode()) for n, v in headers),
+                    waf.headers_read[engine_mode],
                 ),
                 (),
                 body or None,
             )
-            rules = waf.rules[mode]
-            jobs.append(lambda rules=rules, data=data: waf.evaluate(rules, data))
+            rules = waf.rules[engine_mode]
+            job = lambda rules=rules, data=data: waf.evaluate(rules, data)  # noqa: E731
+            if mode == "sqli_xss":
+                assert waf.fast_pass is not None
+                job = _staged(waf.fast_pass, data, job)
+            jobs.append(job)
     return jobs
 
 
 def check_verdicts(waf: Waf) -> None:
     """Every mode passes the clean mix; crs refuses every attack, sqli_xss the SQLi and
     XSS ones (not the path traversal, which it does not look for)."""
-    expected = {"sqli_xss": [True, True, True, False], "crs": [True, True, True, True]}
-    for mode in WAF_MODES:
+    sqli_xss = [True, True, True, False]
+    expected = {"sqli_xss": sqli_xss, "sqli_xss_engine": sqli_xss, "crs": [True] * 4}
+    if waf.fast_pass is None:
+        raise BenchError("the sqli_xss fast pass is off: are the shipped rules in place?")
+    for mode in WAF_ROWS:
         for job in _jobs(waf, mode, "clean"):
             if job() is not PASS:
                 raise BenchError(f"{mode} refused a clean request: {job()}")
@@ -249,9 +284,9 @@ def micro(rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="stockade-bench-") as tmp:
         waf = _waf(Path(tmp))
         check_verdicts(waf)
-        cells = [(mode, mix) for mode in WAF_MODES for mix in WAF_MIXES]
+        cells = [(mode, mix) for mode in WAF_ROWS for mix in WAF_MIXES]
         samples: dict[str, dict[str, list[float]]] = {
-            m: {x: [] for x in WAF_MIXES} for m in WAF_MODES
+            m: {x: [] for x in WAF_MIXES} for m in WAF_ROWS
         }
         rng = random.Random(6)
         for done in range(rounds):
@@ -315,6 +350,24 @@ def leak(transactions: int) -> dict[str, Any]:
     }
 
 
+def _paths(mode: str, count: int) -> list[str]:
+    """The gateway's request paths for a route: a different query each."""
+    rng = random.Random(mode)
+    template = GATEWAY_ENGINE_QUERY if mode == "sqli_xss_engine" else GATEWAY_QUERY
+    route = "sqli_xss" if mode == "sqli_xss_engine" else mode
+    return [
+        f"/{route}"
+        + template.format(words="+".join(rng.sample(WORDS, 3)), n=n, page=rng.randint(1, 50))
+        for n in range(count)
+    ]
+
+
+def _path_file(tmp: Path, mode: str) -> Path:
+    path = tmp / f"paths-{mode}.txt"
+    path.write_text("\n".join(_paths(mode, GATEWAY_PATHS)) + "\n")
+    return path
+
+
 def gateway(rounds: int, duration: int) -> dict[str, Any]:
     workers = os.cpu_count() or 1
     with ExitStack() as stack:
@@ -357,10 +410,16 @@ def gateway(rounds: int, duration: int) -> dict[str, Any]:
                 raise BenchError(f"/{mode}/: clean answered {clean}, attack {attack}")
         target = l7.Target("stockade", port, pid, processes=1 + workers)
         wrk_headers = tuple(f"{name}: {value}" for name, value in HEADERS)
-        variants = ("off", *WAF_MODES)
+        variants = ("off", *WAF_ROWS)
+        path_files = {mode: _path_file(tmp, mode) for mode in variants}
+        status, _ = l7.get(port, _paths("sqli_xss_engine", 1)[0], headers)
+        if status != 200:
+            raise BenchError(f"sqli_xss refused its engine request: {status}")
 
         def load(mode: str) -> l7.Load:
-            return l7.Load(f"/{mode}{GATEWAY_PATH}", wrk_headers)
+            return l7.Load(
+                f"/{mode}{GATEWAY_PATH}", wrk_headers, WRK_PATHS, (str(path_files[mode]),)
+            )
 
         for mode in variants:
             l7.measure(target, upstream, WARMUP_S, load(mode))
@@ -377,7 +436,8 @@ def gateway(rounds: int, duration: int) -> dict[str, Any]:
         "workers": workers,
         "rounds": rounds,
         "warmup_s": WARMUP_S,
-        "path": GATEWAY_PATH,
+        "path": GATEWAY_QUERY.format(words="<words>", n="<n>", page="<page>"),
+        "engine_path": GATEWAY_ENGINE_QUERY.format(words="<words>", n="<n>", page="<page>"),
         "wrk": {"threads": l7.THREADS, "connections": l7.CONNECTIONS, "duration_s": duration},
         "user_hz": l7.USER_HZ,
         "variants": [{"name": name, "samples": values} for name, values in samples.items()],
