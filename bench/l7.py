@@ -2,20 +2,35 @@
 
 Everything runs on 127.0.0.1 for the whole bench: one upstream (HAProxy with
 one thread, answering every request itself with an 11-byte JSON body) and
-three proxies in front of it. wrk, with the same settings for every variant,
-measures:
+three proxies in front of it, each doing the same work per workload where it
+can (bench/gateways.py builds both configs):
+
+  workload        stockade (one route each)          HAProxy (rules on the path)
+  plain proxy     a route, nothing else              a plain proxy
+  RS256 JWT       auth = "jwt"                       jwt_verify and claim checks
+  3 rate limits   limits keyed by ip, X-Tenant, key  three stick tables
+  WAF sqli_xss    waf = "sqli_xss"                   (none: HAProxy has no WAF)
+  all together    JWT + the 3 limits + sqli_xss      JWT + the 3 stick tables
+
+wrk, with the same settings and the same request for every variant (only the
+path's first segment differs; every request carries the same RS256 token and
+X-Tenant header, so only the gateway's work differs), measures:
 
   direct               wrk -> upstream
-  stockade, 1 worker   wrk -> `stockade proxy run` (workers = 1) -> upstream
-  stockade, N workers  the same with workers = N, the number of CPUs
-  HAProxy              wrk -> haproxy (nbthread N, http-reuse always) -> upstream
+  stockade, 1 worker   wrk -> `stockade proxy run` (workers = 1) -> upstream;
+                       the plain proxy
+  stockade, N workers  the same with workers = N, the number of CPUs; every
+                       workload
+  HAProxy              wrk -> haproxy (nbthread N, http-reuse always) ->
+                       upstream; every workload but the WAF
 
 Each round runs every variant once, in a shuffled order; the README shows
 medians over the rounds. A proxy's CPU per request is the growth of utime +
 stime (/proc/<pid>/stat) of all its processes - stockade's master and
 workers, haproxy's one process - divided by the requests wrk completed.
 After the rounds, py-spy samples one stockade worker's Python code during
-one more run (not counted) for the profile in bench/README.md.
+one more run of the plain proxy (not counted) for the profile in
+bench/README.md.
 
 Run: .venv/bin/python -m bench.l7 [--rounds N] [--duration S] [--no-profile]
 """
@@ -44,7 +59,19 @@ from typing import Any
 
 from bench import gateways, report
 from bench.common import BENCH_DIR, BenchError, machine, now_iso, save_results, source_revision
-from bench.report import DIRECT, HAPROXY, STOCKADE_1, STOCKADE_N
+from bench.report import (
+    DIRECT,
+    HAPROXY,
+    L7_ALL,
+    L7_JWT,
+    L7_LIMITS,
+    L7_PLAIN,
+    L7_WAF,
+    L7_WORKLOADS,
+    STOCKADE_1,
+    STOCKADE_N,
+    l7_variant,
+)
 
 HOST = gateways.HOST
 PATH = "/"
@@ -55,6 +82,14 @@ DURATION_S = 5
 ROUNDS = 10
 WARMUP_S = 2
 PROFILE_S = 10
+# the workloads' path prefixes; the plain proxy is stockade's catch-all route
+PREFIXES = {L7_PLAIN: "", L7_JWT: "/jwt", L7_LIMITS: "/limits", L7_WAF: "/waf", L7_ALL: "/all"}
+REQUEST = "/api/items?key=k1&q=hello+world&page=2"  # after the prefix
+TENANT = "t1"
+KEY = "k1"
+LIMIT_PER_MIN = 100_000_000  # never reached: counted on every request, refuses nothing
+WAF_MODE = "sqli_xss"
+XSS = "/api/items?key=k1&q=%3Cscript%3Ealert(1)%3C/script%3E"
 PROFILE_RATE = 200  # py-spy samples per second
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
@@ -409,41 +444,153 @@ def profile_worker(target: Target, seconds: int, tmp: Path, load: Load = Load())
 
 # --- the run ----------------------------------------------------------------
 
+# which gateway does which workload (HAProxy has no WAF)
+MEASURED = (
+    (DIRECT, (L7_PLAIN,)),
+    (STOCKADE_1, (L7_PLAIN,)),
+    (STOCKADE_N, L7_WORKLOADS),
+    (HAPROXY, tuple(w for w in L7_WORKLOADS if w != L7_WAF)),
+)
+LIMITED = (L7_LIMITS, L7_ALL)
+CHECKED_JWT = (L7_JWT, L7_ALL)
+INSPECTED = (L7_WAF, L7_ALL)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One gateway doing one workload: what wrk is pointed at and what it sends."""
+
+    name: str
+    gateway: str
+    workload: str
+    target: Target
+    load: Load
+
+
+def _under(workloads: Sequence[str]) -> tuple[str, ...]:
+    return tuple(PREFIXES[w] + "/" for w in workloads)
+
+
+def stockade_routes() -> tuple[gateways.Route, ...]:
+    names = tuple(limit.name for limit in gateways.THREE_LIMITS)
+    routes = [gateways.Route("plain")]  # every path no other route takes
+    for workload, name in (
+        (L7_JWT, "jwt"),
+        (L7_LIMITS, "limits"),
+        (L7_WAF, "waf"),
+        (L7_ALL, "all"),
+    ):
+        routes.append(
+            gateways.Route(
+                name,
+                path_prefix=PREFIXES[workload] + "/",
+                auth="jwt" if workload in CHECKED_JWT else None,
+                rate_limits=names if workload in LIMITED else (),
+                waf=WAF_MODE if workload in INSPECTED else None,
+            )
+        )
+    return tuple(routes)
+
+
+def haproxy_config(port: int, upstream_port: int, issuer: gateways.Issuer, stats: Path) -> str:
+    rules, tables = gateways.haproxy_limits(gateways.THREE_LIMITS, LIMIT_PER_MIN, _under(LIMITED))
+    return gateways.haproxy_cfg(
+        threads=os.cpu_count() or 1,
+        port=port,
+        upstream_port=upstream_port,
+        frontend=rules + gateways.haproxy_jwt(issuer, _under(CHECKED_JWT)),
+        tables=tables,
+        stats_socket=stats,
+    )
+
+
+def check_gateway(
+    name: str, port: int, workloads: Sequence[str], token: str, forged: str, headers: dict[str, str]
+) -> None:
+    """Each workload does its work: the JWT routes refuse a missing or forged token, the
+    limited ones count (stockade's RateLimit-Remaining goes down), the WAF ones refuse
+    an XSS query that the others pass."""
+    stockade = name.startswith("stockade")
+    for workload in workloads:
+        path = PREFIXES[workload] + REQUEST
+        if workload in CHECKED_JWT:
+            gateways.check_jwt(name, port, path, token, forged, headers)
+        if stockade:
+            gateways.check_rate_headers(name, port, path, workload in LIMITED, headers)
+            status, _ = gateways.request(port, PREFIXES[workload] + XSS, headers)
+            if (status == 403) != (workload in INSPECTED) or status not in (200, 403):
+                raise BenchError(f"{name}: an XSS query to {workload} answered {status}")
+        else:
+            status, _ = gateways.request(port, path, headers)
+            if status != 200:
+                raise BenchError(f"{name}: GET {path} answered {status}")
+
 
 def run(rounds: int, duration: int, profile: bool) -> dict[str, Any]:
     started = time.monotonic()
     workers = os.cpu_count() or 1
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stockade-bench-")))
+        private, public = gateways.make_keys(tmp)
+        issuer = gateways.Issuer(public)
+        token = gateways.sign(private, 0, 1, gateways.token_expiry())[0]
+        forged = gateways.sign(gateways.other_key(), 0, 1, gateways.token_expiry())[0]
+        headers = {"Authorization": f"Bearer {token}", gateways.TENANT_HEADER: TENANT}
+
         upstream_port, upstream = start_upstream(stack, tmp)
-        targets = [Target(DIRECT, upstream_port, None)]
+        targets = {DIRECT: Target(DIRECT, upstream_port, None)}
         for name, count in ((STOCKADE_1, 1), (STOCKADE_N, workers)):
             port = free_port()
             toml = gateways.stockade_toml(
-                workers=count, port=port, upstream_port=upstream_port, state=tmp / f"state-{count}"
+                workers=count,
+                port=port,
+                upstream_port=upstream_port,
+                state=tmp / f"state-{count}",
+                routes=stockade_routes(),
+                limits=gateways.THREE_LIMITS,
+                limit_per_min=LIMIT_PER_MIN,
+                issuer=issuer,
             )
-            pid = start_stockade(stack, tmp, name, toml, port)
-            targets.append(Target(name, port, pid, processes=1 + count))
-        port = free_port()
-        cfg = gateways.haproxy_cfg(threads=workers, port=port, upstream_port=upstream_port)
-        targets.append(Target(HAPROXY, port, start_haproxy(stack, tmp, HAPROXY, cfg, port)))
+            targets[name] = Target(
+                name, port, start_stockade(stack, tmp, name, toml, port), 1 + count
+            )
+        port, stats = free_port(), tmp / "haproxy.sock"
+        cfg = haproxy_config(port, upstream_port, issuer, stats)
+        targets[HAPROXY] = Target(HAPROXY, port, start_haproxy(stack, tmp, HAPROXY, cfg, port))
+        for name, workloads in MEASURED[1:]:
+            check_gateway(name, targets[name].port, workloads, token, forged, headers)
 
-        for target in targets:  # warm up: connections, caches, the upstream pools
-            measure(target, upstream, WARMUP_S)
-        samples: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        sent = tuple(f"{k}: {v}" for k, v in headers.items())
+        variants = [
+            Variant(
+                l7_variant(gateway, w),
+                gateway,
+                w,
+                targets[gateway],
+                Load(PREFIXES[w] + REQUEST, sent),
+            )
+            for gateway, workloads in MEASURED
+            for w in workloads
+        ]
+        for v in variants:  # warm up: connections, caches, the upstream pools
+            measure(v.target, upstream, WARMUP_S, v.load)
+        tables = gateways.check_haproxy_tables(stats, gateways.THREE_LIMITS, (HOST, TENANT, KEY))
+        samples: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
         rng = random.Random(3)
         for done in range(rounds):
-            order = targets[:]
+            order = variants[:]
             rng.shuffle(order)
-            for target in order:
-                samples[target.name].append(measure(target, upstream, duration))
-            line = ", ".join(f"{t.name} {samples[t.name][-1]['rps']:.0f}" for t in targets)
+            for v in order:
+                samples[v.name].append(measure(v.target, upstream, duration, v.load))
+            line = ", ".join(f"{v.name} {samples[v.name][-1]['rps']:.0f}" for v in variants)
             print(f"l7: round {done + 1}/{rounds}: requests/s {line}", file=sys.stderr)
 
         profiled: dict[str, Any] | None = None
         if profile:
+            plain = next(v for v in variants if v.name == STOCKADE_N)
             try:
-                profiled = profile_worker(targets[2], PROFILE_S, tmp)
+                profiled = profile_worker(plain.target, PROFILE_S, tmp, plain.load)
+                profiled["variant"] = plain.name
             except BenchError as exc:
                 print(f"l7: no profile: {exc}", file=sys.stderr)
                 profiled = {"error": str(exc)}
@@ -454,7 +601,16 @@ def run(rounds: int, duration: int, profile: bool) -> dict[str, Any]:
         "source": source_revision(SOURCES),
         "machine": machine(PACKAGES),
         "host": HOST,
-        "path": PATH,
+        "path": REQUEST,
+        "workloads": {w: PREFIXES[w] + REQUEST for w in L7_WORKLOADS},
+        "headers": [f"Authorization: Bearer <RS256, {len(token)} bytes>", sent[1]],
+        "limit_per_min": LIMIT_PER_MIN,
+        "limits": [
+            {"name": limit.name, "key": limit.key, "haproxy": limit.fetch}
+            for limit in gateways.THREE_LIMITS
+        ],
+        "waf": WAF_MODE,
+        "haproxy_tables": tables,
         "body_bytes": len(BODY),
         "wrk": {"threads": THREADS, "connections": CONNECTIONS, "duration_s": duration},
         "workers": workers,
@@ -462,7 +618,15 @@ def run(rounds: int, duration: int, profile: bool) -> dict[str, Any]:
         "warmup_s": WARMUP_S,
         "user_hz": USER_HZ,
         "total_s": round(time.monotonic() - started, 1),
-        "variants": [{"name": name, "samples": values} for name, values in samples.items()],
+        "variants": [
+            {
+                "name": v.name,
+                "gateway": v.gateway,
+                "workload": v.workload,
+                "samples": samples[v.name],
+            }
+            for v in variants
+        ],
         "profile": profiled,
     }
 

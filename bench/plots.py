@@ -97,26 +97,35 @@ def _barh(
             ax.text(summary.high, y, f" {summary.median:,.{digits}f}", va="center", fontsize=7)
 
 
+@dataclass(frozen=True)
+class Series:
+    """One bar in each group of a grouped bar chart."""
+
+    label: str
+    values: Sequence[Summary | None]  # one a group
+    color: str
+    missing: Sequence[str] = ()  # what to write where a value is None (default "n/a")
+
+
 def _grouped_bars(
-    ax: Any,
-    groups: Sequence[str],
-    series: Sequence[tuple[str, Sequence[Summary | None], str]],
-    ylabel: str,
-    digits: int = 0,
+    ax: Any, groups: Sequence[str], series: Sequence[Series], ylabel: str, digits: int = 0
 ) -> None:
-    """Bars side by side in each group, one per series (label, a value per group, colour);
-    each median written above its error bar, "n/a" where a series has no value."""
+    """Bars side by side in each group, one per series; each median written above its
+    error bar, and where a series has no value, its `missing` text."""
     width = 0.8 / len(series)
-    present = [s for _, values, _ in series for s in values if s]
-    top = max((s.high for s in present), default=1.0)
-    floor = min((s.low for s in present), default=1.0) if ax.get_yscale() == "log" else 0.0
-    for i, (label, values, color) in enumerate(series):
-        medians, err = _err(values)
+    present = [v for one in series for v in one.values if v]
+    top = max((v.high for v in present), default=1.0)
+    floor = min((v.low for v in present), default=1.0) if ax.get_yscale() == "log" else 0.0
+    for i, one in enumerate(series):
+        medians, err = _err(one.values)
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(groups))]
-        ax.bar(xs, medians, width, yerr=err, capsize=3, color=color, alpha=0.85, label=label)
-        for x, value in zip(xs, values, strict=True):
+        ax.bar(
+            xs, medians, width, yerr=err, capsize=3, color=one.color, alpha=0.85, label=one.label
+        )
+        missing = list(one.missing) or ["n/a"] * len(groups)
+        for x, value, absent in zip(xs, one.values, missing, strict=True):
             text, y = (
-                ("n/a", floor) if value is None else (f"{value.median:,.{digits}f}", value.high)
+                (absent, floor) if value is None else (f"{value.median:,.{digits}f}", value.high)
             )
             ax.text(x, y, text, ha="center", va="bottom", fontsize=7, rotation=90)
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
@@ -126,7 +135,7 @@ def _grouped_bars(
     if ax.get_yscale() == "log":
         ax.set_ylim(top=top * 2.5)  # room for the labels above the bars
     else:
-        ax.set_ylim(0, top * 1.25)
+        ax.set_ylim(0, top * 1.35)
 
 
 def _strip(ax: Any, labels: Sequence[str], values: Sequence[Sequence[float]], ylabel: str) -> None:
@@ -230,8 +239,37 @@ def plot_flood(results: dict[str, Any]) -> Figure:
 
 def plot_l7(results: dict[str, Any]) -> Figure:
     t = report.L7Table(results)
-    fig, axes = _figure(2, "Case 3: L7 gateway, stockade vs HAProxy vs direct")
-    _variant_panels(axes, t, list(t.samples), results["rounds"])
+    measured = {workload for _, workload in report._l7_kinds(results).values()}
+    workloads = [w for w in report.L7_WORKLOADS if w in measured]
+    direct_rps, direct_p99 = t.rps(report.DIRECT), t.p99_ms(report.DIRECT)
+    direct = ""
+    if direct_rps and direct_p99:
+        direct = (
+            f" (direct, no proxy: {direct_rps.median:,.0f} requests/s, "
+            f"p99 {direct_p99.median:.2f} ms)"
+        )
+    fig, axes = _figure(2, f"Case 3: L7 gateway per workload, stockade vs HAProxy{direct}")
+    gateways = (
+        (report.STOCKADE_N, "tab:blue"),
+        (report.STOCKADE_1, "lightsteelblue"),
+        (report.HAPROXY, "tab:red"),
+    )
+    for ax, value, ylabel, digits in (
+        (axes[0], t.rps, "requests/s", 0),
+        (axes[1], t.p99_ms, "p99 latency, ms", 2),
+    ):
+        series = []
+        for gateway, color in gateways:
+            names = [report.l7_variant(gateway, w) for w in workloads]
+            missing = [
+                "no WAF" if gateway == report.HAPROXY and w == report.L7_WAF else ""
+                for w in workloads
+            ]
+            series.append(Series(gateway, [value(n) for n in names], color, missing))
+        _grouped_bars(ax, workloads, series, ylabel, digits)
+    rounds = results["rounds"]
+    axes[0].set_title(f"requests/s ({NOTE.format(f'{rounds} rounds')})", fontsize=9)
+    axes[1].set_title("p99 latency", fontsize=9)
     return fig
 
 
@@ -269,7 +307,7 @@ def plot_escalation(results: dict[str, Any]) -> Figure:
         axes[1],
         gateways,
         [
-            (label, [et.rps(g, phase) for g in gateways], color)
+            Series(label, [et.rps(g, phase) for g in gateways], color)
             for (phase, label), color in zip(
                 (("baseline", "no attack"), ("attack", "under attack")), PHASE_COLORS, strict=True
             )
@@ -291,7 +329,7 @@ def plot_waf(results: dict[str, Any]) -> Figure:
         ax,
         modes,
         [
-            (f"{mix} mix", [report._waf_micro(results, mode, mix) for mode in modes], color)
+            Series(f"{mix} mix", [report._waf_micro(results, mode, mix) for mode in modes], color)
             for mix, color in zip(report.WAF_MIXES, PHASE_COLORS, strict=True)
         ],
         "µs per request (log scale)",

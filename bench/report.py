@@ -604,7 +604,21 @@ DIRECT = "direct"
 STOCKADE_1 = "stockade, 1 worker"
 STOCKADE_N = "stockade, N workers"
 HAPROXY = "HAProxy"
+L7_GATEWAYS = (DIRECT, STOCKADE_1, STOCKADE_N, HAPROXY)
+# and the work each gateway does per request
+L7_PLAIN = "plain proxy"
+L7_JWT = "RS256 JWT"
+L7_LIMITS = "3 rate limits"
+L7_WAF = "WAF sqli_xss"
+L7_ALL = "all together"
+L7_WORKLOADS = (L7_PLAIN, L7_JWT, L7_LIMITS, L7_WAF, L7_ALL)
 L7_TARGET = 0.25  # issue 3: stockade with N workers, at least 25% of HAProxy's requests/s
+
+
+def l7_variant(gateway: str, workload: str) -> str:
+    """A variant's name: the gateway's alone for the plain proxy (as before workloads)."""
+    return gateway if workload == L7_PLAIN else f"{gateway}, {workload}"
+
 
 L7_METHOD = """\
 **Method.** Everything runs on loopback (127.0.0.1) on this host, for the
@@ -613,11 +627,12 @@ request itself (`http-request return`, status 200, the {body_bytes}-byte
 JSON body `{{"ok":true}}`, keep-alive); "direct" is wrk against it. In front
 of it, each on its own port: `stockade proxy run` with `workers = 1` and with
 `workers = {workers}` (the number of CPUs), `access_log = "/dev/null"` (each
-request is still formatted and written), health checks off, one route to
-one pool holding the upstream; and HAProxy as a plain proxy (`nbthread
-{workers}`, http mode, keep-alive to the upstream with `http-reuse always`,
-no logging, no header added). wrk {wrk} runs `-t{threads} -c{connections}
--d{duration}s --latency` with a GET of `{path}` against each variant, once
+request is still formatted and written), health checks off, routes to one
+pool holding the upstream; and HAProxy (`nbthread {workers}`, http mode,
+keep-alive to the upstream with `http-reuse always`, no logging, no header
+added), for the plain proxy nothing more. wrk {wrk} runs `-t{threads}
+-c{connections} -d{duration}s --latency` with a GET of `{path}` (after the
+workload's prefix, if any) against each variant, once
 per round in a shuffled order, {rounds} rounds after a {warmup}-second
 warm-up of each; the script bench/wrk_report.lua prints its totals and
 latency percentiles. A run with a non-2xx answer fails the bench.
@@ -725,6 +740,64 @@ def _fmt_pct(ratio: Summary | None) -> str:
     return f"{ratio.median:.0%} ({ratio.low:.0%}-{ratio.high:.0%})"
 
 
+CORE_FIELDS = ("proxy_cpu_s", "upstream_cpu_s", "wrk_cpu_s", "other")
+
+
+def _variant_table(
+    t: L7Table,
+    names: Iterable[str],
+    ratios: Sequence[tuple[str, Callable[[str], str | None]]],
+    upstream: bool = False,
+) -> list[str]:
+    """The table of an L7 case: a row per variant with its requests/s, a column per
+    ratio (heading, the variant a variant is compared with, or None), p99, the
+    proxy's CPU per request and its kernel share, [the upstream's CPU per request,]
+    the cores each process used and the socket errors."""
+    rows = []
+    for name in names:
+        rps, cpu, kernel = t.rps(name), t.cpu_us(name), t.kernel_share(name)
+        row = [name, _fmt(rps)]
+        for _, other in ratios:
+            base = other(name)
+            row.append("-" if base is None else _fmt_ratio(_ratio(rps, t.rps(base))))
+        row += [
+            _fmt(t.p99_ms(name), digits=2),
+            "-" if cpu is None else _fmt(cpu, digits=1),
+            "-" if kernel is None else _fmt_pct(kernel),
+        ]
+        if upstream:
+            row.append(_fmt(t.cpu_us(name, "upstream_cpu_s"), digits=1))
+        row.append(" / ".join(_median(t.cores(name, field)) for field in CORE_FIELDS))
+        row.append(str(sum(s["socket_errors"] for s in t.samples.get(name, []))))
+        rows.append(row)
+    head = ["variant", "requests/s", *(heading for heading, _ in ratios), "p99 ms"]
+    head += ["proxy CPU µs / request", "of it in the kernel"]
+    head += ["upstream CPU µs / request"] if upstream else []
+    head += ["cores: proxy / upstream / wrk / other", "socket errors"]
+    return _table(head, rows)
+
+
+def _ratio_table(t: L7Table, pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """Ratios of pairs of variants: requests/s round by round, p99 and CPU of medians."""
+    rows = [
+        [
+            f"{name} / {other}",
+            _fmt_pct(t.paired(name, other)),
+            _fmt_ratio(_ratio(t.p99_ms(name), t.p99_ms(other))),
+            "-" if t.cpu_us(other) is None else _fmt_ratio(_ratio(t.cpu_us(name), t.cpu_us(other))),
+        ]
+        for name, other in pairs
+    ]
+    return [
+        "Ratios, round by round (each round ran every variant once, close in time):",
+        "",
+        *_table(
+            ["ratio", "requests/s, per round", "p99 (of medians)", "CPU / request (of medians)"],
+            rows,
+        ),
+    ]
+
+
 def _l7_targets(t: L7Table) -> list[str]:
     ratio = t.paired(STOCKADE_N, HAPROXY)
     ours, theirs = t.rps(STOCKADE_N), t.rps(HAPROXY)
@@ -767,20 +840,6 @@ def _l7_findings(results: dict[str, Any], t: L7Table) -> list[str]:
     return lines
 
 
-def _l7_ratio_rows(t: L7Table) -> list[list[str]]:
-    rows = []
-    for name, other in ((STOCKADE_N, DIRECT), (STOCKADE_N, HAPROXY), (STOCKADE_1, HAPROXY)):
-        rows.append(
-            [
-                f"{name} / {other}",
-                _fmt_pct(t.paired(name, other)),
-                _fmt_ratio(_ratio(t.p99_ms(name), t.p99_ms(other))),
-                _fmt_ratio(_ratio(t.cpu_us(name), t.cpu_us(other))) if other != DIRECT else "-",
-            ]
-        )
-    return rows
-
-
 def _profile_lines(results: dict[str, Any], t: L7Table) -> list[str]:
     profile = results.get("profile")
     if not profile:
@@ -817,10 +876,138 @@ def _profile_lines(results: dict[str, Any], t: L7Table) -> list[str]:
     return lines
 
 
+def _l7_workload_findings(t: L7Table) -> list[str]:
+    """What each workload costs both gateways, when more than the plain proxy ran."""
+    shares, ours_added, theirs_added = [], [], []
+    base = {g: t.cpu_us(g) for g in (STOCKADE_N, HAPROXY)}
+    for workload in L7_WORKLOADS:
+        ours, theirs = l7_variant(STOCKADE_N, workload), l7_variant(HAPROXY, workload)
+        share = t.paired(ours, theirs)
+        if share is not None:
+            shares.append(f"{workload} {share.median:.0%}")
+        if workload == L7_PLAIN:
+            continue
+        for gateway, name, added in (
+            (STOCKADE_N, ours, ours_added),
+            (HAPROXY, theirs, theirs_added),
+        ):
+            cpu, plain = t.cpu_us(name), base[gateway]
+            if cpu is not None and plain is not None:
+                added.append(f"{workload} {cpu.median - plain.median:+.0f}")
+    if not ours_added:
+        return []
+    plain_ours, plain_theirs = base[STOCKADE_N], base[HAPROXY]
+    assert plain_ours is not None and plain_theirs is not None
+    return [
+        f"- Doing the same work, stockade with N workers serves {', '.join(shares)} of "
+        "HAProxy's requests/s (round by round; HAProxy's all together has no WAF). In CPU "
+        f"per request, stockade's plain proxy costs {plain_ours.median:.0f} µs and each "
+        f"workload adds: {', '.join(ours_added)} µs; HAProxy's {plain_theirs.median:.0f} µs, "
+        f"adding {', '.join(theirs_added)} µs."
+    ]
+
+
+def _l7_kinds(results: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Variant name -> (gateway, workload); results from before the workloads have only
+    the plain proxy, and a variant's name is its gateway's."""
+    return {
+        v["name"]: (v.get("gateway", v["name"]), v.get("workload", L7_PLAIN))
+        for v in results["variants"]
+    }
+
+
+def _l7_same_work(results: dict[str, Any], t: L7Table) -> Callable[[str], str | None]:
+    """The HAProxy variant doing a variant's workload, if it was measured."""
+    kinds = _l7_kinds(results)
+
+    def haproxy(name: str) -> str | None:
+        other = l7_variant(HAPROXY, kinds[name][1])
+        return other if other in t.samples else None
+
+    return haproxy
+
+
+def _l7_cell(t: L7Table, name: str, cell: Callable[[str], str], missing: str = "not run") -> str:
+    return cell(name) if name in t.samples else missing
+
+
+def _l7_matrix(t: L7Table) -> list[str]:
+    """A row per workload: stockade with N workers and HAProxy doing it."""
+    rows = []
+    plain_cpu = t.cpu_us(STOCKADE_N)
+    for workload in L7_WORKLOADS:
+        ours, theirs = l7_variant(STOCKADE_N, workload), l7_variant(HAPROXY, workload)
+        missing = "n/a (no WAF)" if workload == L7_WAF else "not run"
+        cpu = t.cpu_us(ours)
+        added = "-"
+        if workload != L7_PLAIN and cpu is not None and plain_cpu is not None:
+            added = f"{cpu.median - plain_cpu.median:+.0f}"
+
+        def ratio(name: str, ours: str = ours) -> str:
+            return _fmt_pct(t.paired(ours, name))
+
+        rows.append(
+            [
+                workload + (" (HAProxy: JWT + limits, no WAF)" if workload == L7_ALL else ""),
+                _l7_cell(t, ours, lambda n: _fmt(t.rps(n))),
+                _l7_cell(t, theirs, lambda n: _fmt(t.rps(n)), missing),
+                _l7_cell(t, theirs, ratio, missing),
+                _l7_cell(t, ours, lambda n: _fmt(t.p99_ms(n), digits=2)),
+                _l7_cell(t, theirs, lambda n: _fmt(t.p99_ms(n), digits=2), missing),
+                _l7_cell(t, ours, lambda n: _fmt(t.cpu_us(n), digits=1)),
+                _l7_cell(t, theirs, lambda n: _fmt(t.cpu_us(n), digits=1), missing),
+                added,
+                _l7_cell(t, ours, lambda n: _fmt_pct(t.paired(n, STOCKADE_N))),
+            ]
+        )
+    return _table(
+        [
+            "workload",
+            "stockade requests/s",
+            "HAProxy requests/s",
+            "stockade / HAProxy, per round",
+            "stockade p99 ms",
+            "HAProxy p99 ms",
+            "stockade CPU µs / request",
+            "HAProxy CPU µs / request",
+            "stockade CPU µs added to the plain proxy's",
+            "stockade vs its plain proxy, per round",
+        ],
+        rows,
+    )
+
+
+L7_WORKLOADS_METHOD = """\
+**Workloads.** Both stockade processes and the HAProxy hold every workload at
+once, each on its own path: stockade a route per workload (the longest prefix
+wins; the plain proxy is the route that takes every other path): `/jwt/` with
+`auth = "jwt"` (one issuer, RS256 with the run's public key, `iss`, `aud` and
+`exp` checked), `/limits/` naming three limits of {limit:,}/min keyed by
+{keys} (none refusing: every request pays three counter updates, and its answer
+carries `RateLimit-*`), `/waf/` with `waf = "{waf}"`, and `/all/` with all
+three. HAProxy runs on `/jwt/` and `/all/` `http-request` rules checking `alg`,
+`iss`, `aud` and `exp`, then `jwt_verify` RS256 against the same key, on every
+request (it has no cache), and on `/limits/` and `/all/` three stick tables
+tracking {fetches}, each with an `http_req_rate` deny rule above the same
+number; bench/gateways.py builds both configs, as for cases 4 and 5. HAProxy
+2.6 has no WAF: it has no WAF row, and its "all together" is the JWT checks and
+the stick tables. Every variant sends the same request, `GET <prefix>{request}`,
+with the same headers, {headers}: one token for the whole run, so stockade's
+verified-token cache answers it after the first request, as it would for a
+client reusing its token (case 4 measures a new token on every request); only
+the gateway's work differs. Before the rounds the bench checks that each JWT
+path of each gateway refuses no token and a token signed by another key, that
+stockade's `RateLimit-Remaining` goes down by one per request on the limited
+paths and is absent elsewhere, that its WAF paths refuse an XSS query the
+others pass, and after the warm-up that each of HAProxy's tables holds its key
+with a request rate (e.g. `{table_entry}`).
+"""
+
+
 def render_l7(results: dict[str, Any]) -> str:
     t = L7Table(results)
     wrk = results["wrk"]
-    lines = ["## Case 3: L7 gateway, stockade proxy vs HAProxy", ""]
+    lines = ["## Case 3: L7 gateway, stockade vs HAProxy vs direct, per workload", ""]
     lines += _header(results)
     lines.append(
         f"wrk `-t{wrk['threads']} -c{wrk['connections']} -d{wrk['duration_s']}s`, a GET of "
@@ -828,50 +1015,24 @@ def render_l7(results: dict[str, Any]) -> str:
         f"{results['workers']}; median (min-max) over the rounds."
     )
     lines.append("")
-    direct, haproxy = t.rps(DIRECT), t.rps(HAPROXY)
-    rows = []
-    for name, samples in t.samples.items():
-        rps = t.rps(name)
-        errors = sum(s["socket_errors"] for s in samples)
-        cores = " / ".join(
-            _median(t.cores(name, field))
-            for field in ("proxy_cpu_s", "upstream_cpu_s", "wrk_cpu_s", "other")
+    direct = t.rps(DIRECT)
+    if direct is not None:
+        lines.append(
+            f"Per workload, stockade with N workers and HAProxy doing the same work (direct, wrk "
+            f"against the upstream: {_fmt(direct)} requests/s, p99 "
+            f"{_fmt(t.p99_ms(DIRECT), ' ms', 2)}):"
         )
-        rows.append(
-            [
-                name,
-                _fmt(rps),
-                _fmt_ratio(_ratio(rps, direct)),
-                _fmt_ratio(_ratio(rps, haproxy)),
-                _fmt(t.p99_ms(name), digits=2),
-                _fmt(t.cpu_us(name), digits=1) if name != DIRECT else "-",
-                _fmt_pct(t.kernel_share(name)) if name != DIRECT else "-",
-                _fmt(t.cpu_us(name, "upstream_cpu_s"), digits=1),
-                cores,
-                str(errors),
-            ]
-        )
-    lines += _table(
-        [
-            "variant",
-            "requests/s",
-            "vs direct",
-            "vs HAProxy",
-            "p99 ms",
-            "proxy CPU µs / request",
-            "of it in the kernel",
-            "upstream CPU µs / request",
-            "cores: proxy / upstream / wrk / other",
-            "socket errors",
-        ],
-        rows,
-    )
-    lines.append("Ratios, round by round (each round ran every variant once, close in time):")
+        lines.append("")
+    lines += _l7_matrix(t)
+    lines.append("Every variant:")
     lines.append("")
-    lines += _table(
-        ["ratio", "requests/s, per round", "p99 (of medians)", "CPU / request (of medians)"],
-        _l7_ratio_rows(t),
+    lines += _variant_table(
+        t,
+        t.samples,
+        [("vs direct", lambda _: DIRECT), ("vs HAProxy, same work", _l7_same_work(results, t))],
+        upstream=True,
     )
+    lines += _ratio_table(t, ((STOCKADE_N, DIRECT), (STOCKADE_N, HAPROXY), (STOCKADE_1, HAPROXY)))
     m = results["machine"]
     versions = dict(part.rsplit(" ", 1) for part in m["packages"].split(", "))
     lines.append(
@@ -890,6 +1051,23 @@ def render_l7(results: dict[str, Any]) -> str:
             cpus=results["workers"],
         )
     )
+    if "workloads" in results:
+        lines.append(
+            L7_WORKLOADS_METHOD.format(
+                limit=results["limit_per_min"],
+                keys=", ".join(f"`{limit['key']}`" for limit in results["limits"]),
+                fetches=", ".join(f"`{limit['haproxy']}`" for limit in results["limits"]),
+                waf=results["waf"],
+                request=results["path"],
+                headers=" and ".join(f"`{h}`" for h in results["headers"]),
+                table_entry=next(iter(results["haproxy_tables"].values()), "?"),
+            )
+        )
+    else:
+        lines += [
+            "This run measured the plain proxy only (it predates the other workloads).",
+            "",
+        ]
     lines += _profile_lines(results, t)
     return "\n".join(lines)
 
@@ -1028,59 +1206,15 @@ def render_jwt(results: dict[str, Any]) -> str:
         "threads; median (min-max) over the rounds."
     )
     lines.append("")
-    base = t.rps(JWT_NONE)
-    rows = []
-    for name, samples in t.samples.items():
-        rps = t.rps(name)
-        cores = " / ".join(
-            _median(t.cores(name, field))
-            for field in ("proxy_cpu_s", "upstream_cpu_s", "wrk_cpu_s", "other")
-        )
-        rows.append(
-            [
-                name,
-                _fmt(rps),
-                _fmt_ratio(_ratio(rps, base)),
-                _fmt(t.p99_ms(name), digits=2),
-                _fmt(t.cpu_us(name), digits=1),
-                _fmt_pct(t.kernel_share(name)),
-                cores,
-                str(sum(s["socket_errors"] for s in samples)),
-            ]
-        )
-    lines += _table(
-        [
-            "variant",
-            "requests/s",
-            "vs no auth",
-            "p99 ms",
-            "proxy CPU µs / request",
-            "of it in the kernel",
-            "cores: proxy / upstream / wrk / other",
-            "socket errors",
-        ],
-        rows,
-    )
-    lines.append("Ratios, round by round (each round ran every variant once, close in time):")
-    lines.append("")
-    ratio_rows = []
-    for name, other in (
-        (JWT_REPEATED, JWT_NONE),
-        (JWT_DISTINCT, JWT_NONE),
-        (JWT_REPEATED, JWT_HAPROXY),
-        (JWT_DISTINCT, JWT_HAPROXY),
-    ):
-        ratio_rows.append(
-            [
-                f"{name} / {other}",
-                _fmt_pct(t.paired(name, other)),
-                _fmt_ratio(_ratio(t.p99_ms(name), t.p99_ms(other))),
-                _fmt_ratio(_ratio(t.cpu_us(name), t.cpu_us(other))),
-            ]
-        )
-    lines += _table(
-        ["ratio", "requests/s, per round", "p99 (of medians)", "CPU / request (of medians)"],
-        ratio_rows,
+    lines += _variant_table(t, t.samples, [("vs no auth", lambda _: JWT_NONE)])
+    lines += _ratio_table(
+        t,
+        (
+            (JWT_REPEATED, JWT_NONE),
+            (JWT_DISTINCT, JWT_NONE),
+            (JWT_REPEATED, JWT_HAPROXY),
+            (JWT_DISTINCT, JWT_HAPROXY),
+        ),
     )
     m = results["machine"]
     versions = dict(part.rsplit(" ", 1) for part in m["packages"].split(", "))
@@ -1182,37 +1316,8 @@ def render_limits(results: dict[str, Any]) -> str:
     )
     lines.append("")
     base_of = {name: base for name, base in LIMITS_PAIRS} | {base: base for _, base in LIMITS_PAIRS}
-    rows = []
-    for name, samples in t.samples.items():
-        rps = t.rps(name)
-        cores = " / ".join(
-            _median(t.cores(name, field))
-            for field in ("proxy_cpu_s", "upstream_cpu_s", "wrk_cpu_s", "other")
-        )
-        rows.append(
-            [
-                name,
-                _fmt(rps),
-                _fmt_ratio(_ratio(rps, t.rps(base_of.get(name, name)))),
-                _fmt(t.p99_ms(name), digits=2),
-                _fmt(t.cpu_us(name), digits=1),
-                _fmt_pct(t.kernel_share(name)),
-                cores,
-                str(sum(s["socket_errors"] for s in samples)),
-            ]
-        )
-    lines += _table(
-        [
-            "variant",
-            "requests/s",
-            "vs the same gateway without limits",
-            "p99 ms",
-            "proxy CPU µs / request",
-            "of it in the kernel",
-            "cores: proxy / upstream / wrk / other",
-            "socket errors",
-        ],
-        rows,
+    lines += _variant_table(
+        t, t.samples, [("vs the same gateway without limits", lambda n: base_of.get(n, n))]
     )
     lines.append("Ratios, round by round (each round ran every variant once, close in time):")
     lines.append("")
@@ -1895,7 +2000,7 @@ def render_summary(
     if l7 is not None:
         lt = L7Table(l7)
         l7_targets += _l7_targets(lt)
-        findings += _l7_findings(l7, lt)
+        findings += _l7_findings(l7, lt) + _l7_workload_findings(lt)
     jwt_targets: list[str] = []
     if jwt is not None:
         jt = JwtTable(jwt)
