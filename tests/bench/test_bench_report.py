@@ -133,3 +133,57 @@ def test_plots_follow_the_results(tmp_path: Path) -> None:
     report.write_readme(tmp_path / "b" / "README.md", tmp_path / "b", results_dir=results)
     first, second = ((tmp_path / d / "flood.png").read_bytes() for d in ("a", "b"))
     assert first != second
+
+
+def test_the_plan_fits_the_budget_with_rounds_for_medians() -> None:
+    from bench import plan
+
+    assert [case.name for case in plan.PLAN] == list(report.CASES)
+    assert plan.estimate_s() <= 0.9 * plan.BUDGET_S  # a margin for a busier host
+    for case in plan.PLAN:
+        args = dict(zip(case.args[::2], case.args[1::2], strict=True))
+        if "--rounds" in args:
+            assert int(args["--rounds"]) >= 5, case.name
+
+
+def test_the_intro_gives_every_case_its_command() -> None:
+    from bench import plan
+
+    text = report.render_readme(report.load_all(RESULTS_DIR))
+    intro = text.split("## Summary")[0]
+    for case in plan.PLAN:
+        assert f"    {case.command()} " in intro, case.name
+    assert "make bench" in intro and "No `make bench` run recorded yet" in text
+
+
+def test_the_run_record_shows_each_case_and_the_total() -> None:
+    from bench import plan
+
+    cases = [
+        {
+            "name": case.name,
+            "command": case.command(),
+            "ok": case.name != "waf",
+            "elapsed_s": 100.0 + n,
+            "estimate_s": case.estimate_s,
+        }
+        for n, case in enumerate(plan.PLAN)
+    ]
+    run = {
+        "date": "2026-11-24 05:00 UTC",
+        "command": "make bench",
+        "source": "abc1234",
+        "budget_s": plan.BUDGET_S,
+        "total_s": 1000.0,
+        "cases": cases,
+    }
+    text = report.render_readme({**report.load_all(RESULTS_DIR), "run": run})
+    section = sections(text)["## Run time"]
+    assert "1000 s (16.7 min)" in section and "**met**" in section
+    for case in cases:
+        assert f"`{case['command']}` | {case['elapsed_s']:.0f} s |" in section
+    assert section.count("**failed**") == 1
+    intro = text.split("## Summary")[0]
+    assert "17 minutes in the run below" in intro
+    over = report.render_run({**run, "total_s": 1300.0})
+    assert "**not met**" in over
