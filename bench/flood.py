@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.flood: {exc}", file=sys.stderr)
         return 1
     path = save_results("flood", results)
-    print(report.render_summary(None, results))
+    print(report.render_summary({"flood": results}, measured_only=True))
     print(report.render_flood(results))
     print(f"flood: results in {path}; README in {report.write_readme()}", file=sys.stderr)
     return 0

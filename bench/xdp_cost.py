@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.xdp_cost: {exc}", file=sys.stderr)
         return 1
     path = save_results("xdp_cost", results)
-    print(report.render_summary(results, None))
+    print(report.render_summary({"xdp_cost": results}, measured_only=True))
     print(report.render_xdp_cost(results))
     print(f"xdp_cost: results in {path}; README in {report.write_readme()}", file=sys.stderr)
     return 0

@@ -187,3 +187,17 @@ def test_the_run_record_shows_each_case_and_the_total() -> None:
     assert "17 minutes in the run below" in intro
     over = report.render_run({**run, "total_s": 1300.0})
     assert "**not met**" in over
+
+
+def test_the_summary_states_every_issue_target() -> None:
+    text = report.render_readme(report.load_all(RESULTS_DIR))
+    summary = sections(text)["## Summary"]
+    targets = summary.split("Findings:")[0]
+    for issue in (2, 3, 4, 5, 6, 8, 10):
+        assert f"(issue {issue}," in targets, f"issue {issue}'s targets are not in the Summary"
+    verdicts = [line for line in targets.splitlines() if line.startswith("- ")]
+    assert len(verdicts) >= 14
+    for line in verdicts:
+        assert "**met**" in line or "**not met**" in line or "not recorded yet" in line, line
+    missing = report.render_summary({"flood": report.load_all(RESULTS_DIR)["flood"]})
+    assert "case 7 has no results" in missing and "case 8 has no results" in missing
