@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             {
                 "bench": "run",
                 "date": now_iso(),
-                "command": "make bench" + (" (bench.run --smoke)" if args.smoke else ""),
+                "command": "bench.run --smoke" if args.smoke else "make bench",
+                "smoke": args.smoke,  # each case as briefly as it allows: no verdict
                 "source": source_revision(RUN_SOURCES),
                 "budget_s": plan.BUDGET_S,
                 "total_s": round(total, 1),

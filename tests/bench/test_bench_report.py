@@ -187,6 +187,11 @@ def test_the_run_record_shows_each_case_and_the_total() -> None:
     assert "17 minutes in the run below" in intro
     over = report.render_run({**run, "total_s": 1300.0})
     assert "**not met**" in over
+    smoke = {**run, "command": "bench.run --smoke", "smoke": True, "total_s": 200.0}
+    text = report.render_readme({**report.load_all(RESULTS_DIR), "run": smoke})
+    assert "no verdict: a smoke run" in sections(text)["## Run time"]
+    assert "not recorded yet" in sections(text)["## Summary"]
+    assert "minutes here, estimated" in text.split("## Summary")[0]
 
 
 def test_the_summary_states_every_issue_target() -> None:
