@@ -139,6 +139,8 @@ def controller(home: Path, lab: topology.Lab, node: str, url: str) -> Iterator[P
             timeout=30,
             check=False,
         )
+        with suppress(OSError):  # --remove-maps leaves the (empty) pin root itself
+            pin_root.rmdir()
 
 
 def watcher(lab: topology.Lab, source: str) -> subprocess.Popen[bytes]:
