@@ -75,7 +75,7 @@ PLAN = (
         "waf",
         "the WAF per mode",
         ("--rounds", "5", "--duration", "3", "--transactions", "300000"),
-        125,
+        130,
         ("--rounds", "1", "--duration", "1", "--transactions", "100000"),
     ),
     Case(
