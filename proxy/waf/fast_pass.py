@@ -165,32 +165,55 @@ class FastPass:
                 continue  # libinjection finds nothing in an empty string (a test checks)
             if _NOT_PLAIN.search(value) is not None or self.flagged(value):
                 return False
-            if len(value) <= CACHE_MAX_LENGTH:
-                if len(known) >= CACHE_ENTRIES:
-                    known.clear()  # simple and bounded; the common strings come back at once
-                known[value] = None
+            self._remember(value)
         return True
 
+    def _remember(self, key: bytes) -> None:
+        known = self._clean
+        if len(key) <= CACHE_MAX_LENGTH:
+            if len(known) >= CACHE_ENTRIES:
+                known.clear()  # simple and bounded; the common strings come back at once
+            known[key] = None
+
     def passes(
-        self, uri: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
+        self,
+        uri: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes | None,
+        read: frozenset[bytes] | None = None,
     ) -> bool:
-        """True: the sqli_xss engine would pass this request. False: ask the engine."""
+        """True: the sqli_xss engine would pass this request. False: ask the engine.
+
+        headers: the request's, of which those named in `read` (lowercase; None:
+        all) are the ones the engine is given. A whole Cookie header or URI
+        found clean is remembered under a key that starts with NUL, which no
+        remembered string has (NUL is not plain).
+        """
         if body:
             return False
-        strings = uri_strings(uri)
-        if strings is None:
-            return False
-        clean = self.clean
+        known, clean = self._clean, self.clean
         for name, value in headers:
             lowered = name.lower()
+            if read is not None and lowered not in read:
+                continue
             if lowered == b"content-type":
                 return False  # a body processor, and its errors: the engine's business
             if lowered == b"cookie":
-                if not clean(cookie_strings(value)):
-                    return False
+                key = b"\0cookie\0" + value
+                if key not in known:
+                    if not clean(cookie_strings(value)):
+                        return False
+                    self._remember(key)
             elif not clean((value,)):  # User-Agent, Referer, and any other given
                 return False
-        return clean(strings)
+        key = b"\0uri\0" + uri
+        if key in known:
+            return True
+        strings = uri_strings(uri)
+        if strings is None or not clean(strings):
+            return False
+        self._remember(key)
+        return True
 
 
 def fast_pass_for(rules_file: Path, library_name: str) -> FastPass | None:

@@ -204,8 +204,7 @@ class Waf:
         if fast is None or route.waf.mode != "sqli_xss" or request.body_exists:
             return False
         uri = request.raw_path.encode("utf-8", "surrogateescape")
-        headers = headers_for_rules(request.raw_headers, self.headers_read[route.name])
-        if not fast.passes(uri, headers, None):
+        if not fast.passes(uri, request.raw_headers, None, self.headers_read[route.name]):
             return False
         self.counters.inspected["sqli_xss"] += 1
         self.counters.fast_passed += 1
