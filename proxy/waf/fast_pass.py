@@ -21,8 +21,12 @@ most of a small request's cost, and the hand-off to an engine thread the
 rest). Anything else - a body, a Content-Type, a string that is not plain,
 a string libinjection flags - goes to the engine as before, and the engine
 gives the verdict with its rule ids and messages. The check may look at
-more strings than the rules do (every header value the engine is given),
-never fewer: an extra string can only send a request to the engine.
+more strings than the rules do (a REQUEST_BASENAME where the engine has
+none), never fewer: an extra string can only send a request to the engine.
+
+A JSON body (one Content-Type that rule 200001 gives the JSON processor)
+is taken apart into arguments as RequestBodyProcessor::JSON names them
+(json.order.items.array_0.sku); any other body goes to the engine.
 
 tests/waf/test_waf_fast_pass.py holds this to the engine: on randomly built
 requests whose strings are all plain, the fast pass and the engine agree
@@ -33,11 +37,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import re
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import unquote_to_bytes
 
 from stockade.proxy.waf.modsec import ModSecurityError, library
@@ -51,7 +58,13 @@ RULES_SHA256 = "8be039febf75cc99d9ba1f042cd83b2b4d29cf72a9d139fadcefb088e878a035
 # A plain string: bytes 0x01-0x7f except % (0x25), & (0x26), + (0x2b) and \ (0x5c).
 _NOT_PLAIN = re.compile(rb"[^\x01-\x24\x27-\x2a\x2c-\x5b\x5d-\x7f]")
 _C_SPACE = b" \t\n\v\f\r"  # C's isspace(), with which ModSecurity trims cookie names
+_RULE_HEADERS = frozenset({b"user-agent", b"referer"})  # REQUEST_HEADERS:User-Agent|Referer
 CACHE_ENTRIES = 8192  # clean strings remembered per worker
+JSON_MAX_DEPTH = 32  # deeper JSON bodies go to the engine (whose own limit is 10,000)
+# The body processors' Content-Types: rules 200000 (XML) and 200001 (JSON) of
+# proxy/waf/rulesets.py, as PCRE reads them (caseless ASCII, anchored at the start).
+_XML_TYPE = re.compile(rb"(?:application(?:/soap\+|/)|text/)xml", re.IGNORECASE)
+_JSON_TYPE = re.compile(rb"application/(?:[a-z0-9.-]+\+)?json", re.IGNORECASE)
 CACHE_MAX_LENGTH = 512  # longer strings are checked every time
 
 
@@ -123,6 +136,111 @@ def uri_strings(uri: bytes) -> list[bytes] | None:
     return strings
 
 
+class _Object(list[tuple[str, object]]):
+    """A JSON object's members in order, duplicates kept (yajl hands on every one)."""
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")  # Python's json takes NaN and Infinity; yajl not
+
+
+class _TooDeep(Exception):
+    pass
+
+
+@dataclass
+class _Container:
+    name: str
+    is_array: bool
+    count: int = 0  # an array's elements so far
+
+
+class _JsonArguments:
+    """The ARGS a JSON body becomes (RequestBodyProcessor::JSON's yajl callbacks).
+
+    A value's name is
+    the containers' names joined - an array's as NAME.array_N, a map's as
+    NAME. - then the current key (or nothing in an array), the top level
+    being "json" and an empty key "empty-key", as getCurrentKey() has it.
+    """
+
+    def __init__(self) -> None:
+        self.containers: list[_Container] = []
+        self.key = ""
+        self.strings: list[str] = []  # names and values
+
+    def _current_key(self) -> str:
+        if not self.containers:
+            return "json"
+        if not self.key:
+            return "" if self.containers[-1].is_array else "empty-key"
+        key, self.key = self.key, ""
+        return key
+
+    def _add(self, value: str) -> None:
+        path = "".join(
+            f"{c.name}.array_{c.count}" if c.is_array else f"{c.name}." for c in self.containers
+        )
+        last = self.containers[-1] if self.containers else None
+        if last is not None and last.is_array:
+            last.count += 1
+            name = ""
+        else:
+            name = self._current_key()
+        self.strings += (path + name, value)
+
+    def _end(self) -> None:
+        self.containers.pop()
+        if self.containers and self.containers[-1].is_array:
+            self.containers[-1].count += 1
+
+    def value(self, value: object, depth: int = 0) -> None:
+        if depth > JSON_MAX_DEPTH:
+            raise _TooDeep
+        if isinstance(value, _Object):
+            self.containers.append(_Container(self._current_key(), False))
+            for key, item in value:
+                self.key = key
+                self.value(item, depth + 1)
+            self._end()
+        elif isinstance(value, list):
+            self.containers.append(_Container(self._current_key(), True))
+            for item in value:
+                self.value(item, depth + 1)
+            self._end()
+        elif value is None:
+            self._add("")
+        elif isinstance(value, bool):
+            self._add("true" if value else "false")
+        else:
+            self._add(str(value))  # a string, or a number's text as it came
+
+
+def json_strings(body: bytes) -> list[bytes] | None:
+    """ARGS_NAMES and ARGS of an ASCII JSON body, or None: not for the fast pass.
+
+    Python's json parses it (numbers kept as their text, NaN and Infinity
+    refused, objects as ordered pairs); what it takes, yajl takes too for
+    ASCII input, and what it refuses goes to the engine, which may answer
+    400 for a body that does not parse.
+    """
+    if not body.isascii():
+        return None
+    try:
+        document = json.loads(
+            body.decode("ascii"),
+            object_pairs_hook=_Object,
+            parse_float=str,
+            parse_int=str,
+            parse_constant=_no_constant,
+        )
+        arguments = _JsonArguments()
+        arguments.value(document)
+        return [text.encode("utf-8") for text in arguments.strings]
+    except (ValueError, RecursionError, _TooDeep, UnicodeEncodeError):
+        return None  # a lone surrogate from \\uD800 cannot be UTF-8: the engine's business
+
+
 class FastPass:
     """The check, with the library's libinjection and a cache of strings found clean."""
 
@@ -176,36 +294,32 @@ class FastPass:
             known[key] = None
 
     def passes(
-        self,
-        uri: bytes,
-        headers: Iterable[tuple[bytes, bytes]],
-        body: bytes | None,
-        read: frozenset[bytes] | None = None,
+        self, uri: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
     ) -> bool:
         """True: the sqli_xss engine would pass this request. False: ask the engine.
 
-        headers: the request's, of which those named in `read` (lowercase; None:
-        all) are the ones the engine is given. A whole Cookie header or URI
-        found clean is remembered under a key that starts with NUL, which no
-        remembered string has (NUL is not plain).
+        Of the headers, the rules read User-Agent, Referer and the cookies
+        (any letter case); Content-Type chooses the body processor. A whole
+        Cookie header or URI found clean is remembered under a key that
+        starts with NUL, which no remembered string has (NUL is not plain).
         """
-        if body:
-            return False
         known, clean = self._clean, self.clean
+        content_types: list[bytes] = []
         for name, value in headers:
             lowered = name.lower()
-            if read is not None and lowered not in read:
-                continue
-            if lowered == b"content-type":
-                return False  # a body processor, and its errors: the engine's business
-            if lowered == b"cookie":
+            if lowered in _RULE_HEADERS:
+                if not clean((value,)):
+                    return False
+            elif lowered == b"content-type":
+                content_types.append(value)
+            elif lowered == b"cookie":
                 key = b"\0cookie\0" + value
                 if key not in known:
                     if not clean(cookie_strings(value)):
                         return False
                     self._remember(key)
-            elif not clean((value,)):  # User-Agent, Referer, and any other given
-                return False
+        if (content_types or body) and not self._body_clean(content_types, body):
+            return False
         key = b"\0uri\0" + uri
         if key in known:
             return True
@@ -214,6 +328,20 @@ class FastPass:
             return False
         self._remember(key)
         return True
+
+
+    def _body_clean(self, content_types: list[bytes], body: bytes | None) -> bool:
+        """A JSON body (one Content-Type, the JSON processor's) whose strings are clean;
+        or none at all under that Content-Type. Any other body or type: the engine."""
+        if len(content_types) != 1:
+            return False
+        content_type = content_types[0]
+        if not _JSON_TYPE.match(content_type) or _XML_TYPE.match(content_type):
+            return False
+        if not body:
+            return True  # the engine ignores the JSON parser's error on an empty body
+        strings = json_strings(body)
+        return strings is not None and self.clean(strings)
 
 
 def fast_pass_for(rules_file: Path, library_name: str) -> FastPass | None:

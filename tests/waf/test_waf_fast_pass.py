@@ -10,7 +10,9 @@ the engine passes; and where every string is plain, the two agree exactly.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +26,13 @@ from stockade.proxy.waf.fast_pass import (
     cookie_strings,
     fast_pass_for,
     is_plain,
+    json_strings,
     query_strings,
     rules_digest,
     uri_strings,
 )
 from stockade.proxy.waf.modsec import Engine, RuleSet
-from stockade.proxy.waf.rulesets import RuleSets
+from stockade.proxy.waf.rulesets import RuleSets, engine_settings
 from stockade.proxy.waf_settings import SHIPPED_RULES, RouteWaf, WafConfig
 
 LIBRARY = WafConfig().library
@@ -85,19 +88,59 @@ def engine() -> Iterator[tuple[Engine, RuleSet]]:
 
 
 def engine_passes(
-    engine: tuple[Engine, RuleSet], uri: bytes, headers: list[tuple[bytes, bytes]]
+    engine: tuple[Engine, RuleSet],
+    uri: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes | None = None,
 ) -> bool:
     msc, rules = engine
     with msc.transaction(rules, "fastpass") as tx:
         tx.connection("198.18.0.1", 40000, "198.18.0.2", 80)
-        tx.uri(uri, "GET", "1.1")
+        tx.uri(uri, "POST" if body else "GET", "1.1")
         tx.add_headers(headers)
         tx.process_headers()
         found = tx.intervention()
         if found is None:
+            if body:
+                tx.append_body(body)
             tx.process_body()
             found = tx.intervention()
     return found is None
+
+
+# JSON documents of the fragments: nested objects and arrays, empty and
+# repeated keys, numbers as written, true, false, null.
+NUMBERS = ("0", "-0", "42", "-7", "1.50", "2e10", "1.5E+3", "-0.0e-2", "123456789012345678901234")
+
+
+def random_json(rng: random.Random, depth: int = 0, fragments: tuple[str, ...] = FRAGMENTS) -> str:
+    kind = rng.random()
+    if depth < 4 and kind < 0.3:
+        members = [
+            f"{json.dumps(rng.choice(['', *fragments]) + _text(rng, 1))}: "
+            + random_json(rng, depth + 1, fragments)
+            for _ in range(rng.randint(0, 4))
+        ]
+        return "{" + ", ".join(members) + "}"
+    if depth < 4 and kind < 0.5:
+        items = [random_json(rng, depth + 1, fragments) for _ in range(rng.randint(0, 3))]
+        return "[" + ",".join(items) + "]"
+    if kind < 0.6:
+        return rng.choice(NUMBERS)
+    if kind < 0.65:
+        return rng.choice(["true", "false", "null"])
+    return json.dumps(_text(rng, 3), ensure_ascii=rng.random() < 0.8)
+
+
+JSON_TYPES = (
+    b"application/json",
+    b"application/json; charset=utf-8",
+    b"Application/JSON",
+    b"application/problem+json",
+    b"application/xml",
+    b"text/plain",
+    b"application/x-www-form-urlencoded",
+)
 
 
 def all_plain(uri: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -160,6 +203,85 @@ def test_what_the_fast_pass_passes_the_engine_passes(engine: tuple[Engine, RuleS
     )
 
 
+def test_json_bodies_the_fast_pass_passes_the_engine_passes(
+    engine: tuple[Engine, RuleSet],
+) -> None:
+    fast = FastPass(LIBRARY)
+    rng = random.Random(11)
+    passed = plain = plain_blocked = 0
+    for _ in range(3000):
+        document = random_json(rng)
+        if rng.random() < 0.05:
+            document = document[: rng.randint(0, len(document))]  # cut short: not JSON
+        body = document.encode()
+        content_type = rng.choice(JSON_TYPES[:4]) if rng.random() < 0.85 else rng.choice(JSON_TYPES)
+        headers = [(b"Host", HOST.encode()), (b"Content-Type", content_type)]
+        uri = b"/api/items"
+        verdict = engine_passes(engine, uri, headers, body)
+        fast_verdict = fast.passes(uri, headers, body)
+        assert verdict or not fast_verdict, (content_type, body)
+        strings = json_strings(body)
+        if (
+            strings is not None
+            and all(is_plain(s) for s in strings)
+            and content_type in JSON_TYPES[:4]
+        ):
+            plain += 1
+            plain_blocked += not verdict
+            assert fast_verdict == verdict, (content_type, body)
+        passed += fast_verdict
+    assert passed >= 200 and plain - plain_blocked >= 200 and plain_blocked >= 100, (
+        passed,
+        plain,
+        plain_blocked,
+    )
+
+
+_ARGUMENT = re.compile(rb'Adding request argument \((GET|JSON)\): name "(.*)", value "(.*)"$', re.M)
+
+
+def test_arguments_are_named_and_valued_as_the_engine_does(tmp_path: Path) -> None:
+    """The engine's own debug log lists every argument it makes (name and value):
+    the fast pass takes the same ones from query strings and JSON bodies."""
+    debug_log = tmp_path / "debug.log"
+    msc = Engine(LIBRARY)
+    rules = msc.rule_set()
+    rules.add(engine_settings(1 << 20) + f"SecDebugLog {debug_log}\nSecDebugLogLevel 4\n")
+    # no quote or backslash in the fragments: the log line does not escape them
+    fragments = tuple(f for f in FRAGMENTS if '"' not in f and "\\" not in f)
+    rng = random.Random(5)
+    compared = 0
+    try:
+        for _ in range(600):
+            query = "&".join(f"{_text(rng, 2)}={_text(rng, 2)}" for _ in range(rng.randint(0, 3)))
+            body = random_json(rng, fragments=fragments).encode()
+            strings = json_strings(body)
+            if strings is None or not all(is_plain(s) for s in strings):
+                continue
+            uri = b"/api/items?" + query.encode().replace(b"#", b"")
+            start = debug_log.stat().st_size if debug_log.exists() else 0
+            with msc.transaction(rules, "names") as tx:
+                tx.connection("198.18.0.1", 40000, "198.18.0.2", 80)
+                tx.uri(uri, "POST", "1.1")
+                tx.add_headers([(b"Content-Type", b"application/json")])
+                tx.process_headers()
+                tx.append_body(body)
+                tx.process_body()
+            logged = _ARGUMENT.findall(debug_log.read_bytes()[start:])
+            query_logged = [s for kind, n, v in logged if kind == b"GET" for s in (n, v)]
+            json_logged = [s for kind, n, v in logged if kind == b"JSON" for s in (n, v)]
+            from_uri = uri_strings(uri)
+            assert from_uri is not None
+            if all(b"\n" not in s and b'"' not in s for s in from_uri):
+                assert from_uri[2:] == query_logged, uri
+            assert strings == json_logged, body
+            compared += 1
+    finally:
+        rules.close()
+        msc.close()
+    assert compared >= 300
+
+
 def test_the_cache_does_not_change_a_verdict(engine: tuple[Engine, RuleSet]) -> None:
     fast = FastPass(LIBRARY)
     rng = random.Random(7)
@@ -168,12 +290,22 @@ def test_the_cache_does_not_change_a_verdict(engine: tuple[Engine, RuleSet]) -> 
     assert [fast.passes(uri, headers, None) for uri, headers in requests] == first
 
 
-def test_a_body_or_a_content_type_goes_to_the_engine() -> None:
+def test_only_json_bodies_are_for_the_fast_pass() -> None:
     fast = FastPass(LIBRARY)
+    json_type = (b"Content-Type", b"application/json")
     assert fast.passes(b"/a?q=1", [(b"User-Agent", b"x")], None)
-    assert not fast.passes(b"/a?q=1", [(b"User-Agent", b"x")], b'{"a": 1}')
+    assert fast.passes(b"/a", [json_type], b'{"a": [1, "two"]}')
+    assert fast.passes(b"/a", [json_type], None)  # the engine ignores an empty JSON body
+    assert not fast.passes(b"/a", [(b"User-Agent", b"x")], b'{"a": 1}')  # no Content-Type
+    assert not fast.passes(b"/a", [json_type, json_type], b'{"a": 1}')
+    assert not fast.passes(b"/a", [json_type], b'{"a": NaN}')
+    assert not fast.passes(b"/a", [json_type], b'{"a": 1} x')
+    assert not fast.passes(b"/a", [json_type], '{"a": "é"}'.encode())
+    assert not fast.passes(b"/a", [json_type], b"[" * 40 + b"]" * 40)  # deeper than 32
     # an XML Content-Type without a body is a parse error for the engine (400)
     assert not fast.passes(b"/a?q=1", [(b"Content-Type", b"application/xml")], None)
+    form = (b"Content-Type", b"application/x-www-form-urlencoded")
+    assert not fast.passes(b"/a", [form], b"a=1")
 
 
 def test_other_rules_get_no_fast_pass(tmp_path: Path) -> None:
@@ -193,8 +325,15 @@ async def _get(base: str, path: str, **headers: str) -> int:
             return response.status
 
 
+async def _post_json(base: str, path: str, document: object) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + path, json=document, headers={"Host": HOST}) as response:
+            await response.read()
+            return response.status
+
+
 @pytest.mark.parametrize("fast_pass", [True, False])
-def test_the_gateway_passes_clean_gets_without_a_transaction(
+def test_the_gateway_passes_clean_requests_without_a_transaction(
     tmp_path: Path, fast_pass: bool
 ) -> None:
     async def scenario() -> None:
@@ -215,9 +354,14 @@ def test_the_gateway_passes_clean_gets_without_a_transaction(
                 assert await _get(base, "/s/items?q=%3Cscript%3Ealert(1)%3C/script%3E") == 403
                 assert await _get(base, "/s/items", Cookie="s=1' union select 1 --") == 403
                 assert await _get(base, "/s/caf%C3%A9?q=%C3%A9t%C3%A9") == 200
+                order = {"order": {"items": [{"sku": "A-1", "qty": 2}], "note": "O'Brien"}}
+                assert await _post_json(base, "/s/orders", order) == 200
+                attack = {"order": {"note": "1' union select password from users --"}}
+                assert await _post_json(base, "/s/orders", attack) == 403
+                assert await _post_json(base, "/s/orders", {"<script>alert(1)</script>": 1}) == 403
                 counters = waf.counters
-                assert counters.inspected["sqli_xss"] == 5
-                assert counters.fast_passed == (1 if fast_pass else 0)
+                assert counters.inspected["sqli_xss"] == 8
+                assert counters.fast_passed == (2 if fast_pass else 0)
                 gateway.sync_metrics()
                 metric = gateway.metrics.waf_fast_passed._value.get()  # type: ignore[attr-defined]
                 assert metric == counters.fast_passed
