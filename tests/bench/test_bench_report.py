@@ -149,11 +149,14 @@ def test_the_plan_fits_the_budget_with_rounds_for_medians() -> None:
 def test_the_intro_gives_every_case_its_command() -> None:
     from bench import plan
 
-    text = report.render_readme(report.load_all(RESULTS_DIR))
-    intro = text.split("## Summary")[0]
-    for case in plan.PLAN:
-        assert f"    {case.command()} " in intro, case.name
-    assert "make bench" in intro and "No `make bench` run recorded yet" in text
+    results = report.load_all(RESULTS_DIR)
+    for run in (results["run"], None):  # the committed run record, and none at all
+        text = report.render_readme({**results, "run": run})
+        intro = text.split("## Summary")[0]
+        for case in plan.PLAN:
+            assert f"    {case.command()} " in intro, case.name
+        assert "make bench" in intro
+        assert ("No `make bench` run recorded yet" in text) == (run is None)
 
 
 def test_the_run_record_shows_each_case_and_the_total() -> None:
