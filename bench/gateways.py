@@ -86,6 +86,7 @@ class Route:
     auth: str | None = None  # "none" | "jwt"; None: the default (none)
     rate_limits: tuple[str, ...] = ()
     waf: str | None = None  # "sqli_xss", ...; None: off
+    openapi: Path | None = None  # the zero_trust mode's document
 
 
 # --- stockade -----------------------------------------------------------------------
@@ -127,6 +128,8 @@ def _toml_route(route: Route) -> str:
         lines.append("rate_limits = [" + ", ".join(f'"{n}"' for n in route.rate_limits) + "]")
     if route.waf is not None:
         lines.append(f'waf = "{route.waf}"')
+    if route.openapi is not None:
+        lines.append(f'openapi = "{route.openapi}"')
     return "\n".join(lines) + "\n"
 
 

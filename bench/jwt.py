@@ -17,7 +17,7 @@ Every variant sends an Authorization header (the no-auth route too, so only
 the checking differs), and both gateways count every request against a per-IP
 limit (stockade's shared-memory counters, HAProxy's stick table) set too high
 to refuse anything: the limit's cost is in every variant. The different tokens
-are made up front with PyJWT and taken in turn by bench/wrk_tokens.lua, each
+are made up front with PyJWT and taken in turn by bench/wrk_lines.lua, each
 run starting where the last run of its variant stopped: a token comes back
 only after --tokens other requests, more than a worker's cache holds, so each
 of them pays the signature check.
@@ -58,7 +58,7 @@ ROUNDS = 6
 WARMUP_S = 2
 PROFILE_S = 8
 COMMAND = ".venv/bin/python -m bench.jwt"
-TOKENS_SCRIPT = BENCH_DIR / "wrk_tokens.lua"
+TOKENS_SCRIPT = BENCH_DIR / "wrk_lines.lua"
 PER_IP_LIMIT = 100_000_000  # per minute: counted on every request, never reached
 
 
@@ -137,7 +137,7 @@ def run(rounds: int, duration: int, token_count: int, profile: bool) -> dict[str
         def load(name: str) -> l7.Load:
             if name in fixed:
                 return fixed[name]
-            script_args = (str(token_file), str(positions[name]))
+            script_args = (str(token_file), str(positions[name]), "Authorization")
             return l7.Load(JWT_PATH, (), TOKENS_SCRIPT, script_args)
 
         def measure(name: str, seconds: int) -> dict[str, Any]:

@@ -1178,7 +1178,7 @@ Tokens are RS256, {token_bytes} bytes, with `iss`, `aud`, `sub` = `u<n>` and
 `-H`), so stockade's verified-token cache answers all but the first; "no auth"
 sends the same header to the `auth = "none"` route, so the two differ only in
 the checking. "New token each request" takes the {tokens:,} tokens in turn
-(bench/wrk_tokens.lua sets the header in `request()`), each run starting
+(bench/wrk_lines.lua sets the header in `request()`), each run starting
 where its variant's last run stopped: a token comes back only after
 {tokens:,} other requests, more than the {cache:,} entries each of stockade's
 workers caches (oldest out first), so every request pays the signature
@@ -1834,7 +1834,7 @@ mode and mix in a shuffled order. The gateway: the set-up of case 3 with one
 `stockade proxy run` of {workers} workers and a route per mode on the same
 upstream; wrk `-t{threads} -c{connections} -d{duration}s` sends `GET
 /<mode>{path}`, with three of ten shopping words and a request number as the
-query (a different one on every request, bench/wrk_paths.lua) and the same
+query (a different one on every request, bench/wrk_lines.lua) and the same
 headers (Host `api.example.com`, a browser User-Agent, Accept,
 Accept-Language, Cookie), to each route once per round in a shuffled order
 (sqli_xss_engine: `GET /sqli_xss{engine_path}`, whose `café` the fast pass

@@ -19,7 +19,7 @@ transactions, and the gateway's requests/s with each mode next to `off`.
    per mode: /off/, /sqli_xss/, /crs/, /zero_trust/ (whose OpenAPI document
    declares the request). wrk sends clean GETs with a query string and
    browser-like headers to each route, once per round in a shuffled order,
-   with a different query value on every request (bench/wrk_paths.lua; so
+   with a different query value on every request (bench/wrk_lines.lua; so
    no cache holds it); sqli_xss_engine is the sqli_xss route with a query
    value that is not plain ASCII (caf%C3%A9), which the fast pass leaves to
    the engine. Requests/s and the proxy's CPU per request as in case 3.
@@ -39,10 +39,11 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import l7, report
+from bench import gateways, l7, report
 from bench.common import BenchError, machine, now_iso, save_results, source_revision
 from bench.report import WAF_MIXES, WAF_MODES, WAF_ROWS
 from stockade.proxy.settings import Pool, ProxyConfig, Route, Server
@@ -63,7 +64,7 @@ ITERATIONS = {"sqli_xss": 400, "sqli_xss_engine": 400, "crs": 40, "zero_trust": 
 TRANSACTIONS = 1_000_000
 CHECKPOINT = 100_000
 COMMAND = ".venv/bin/python -m bench.waf"
-WRK_PATHS = Path(__file__).resolve().parent / "wrk_paths.lua"
+WRK_LINES = Path(__file__).resolve().parent / "wrk_lines.lua"
 UA = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0"
 HEADERS = (
     ("Host", API_HOST),
@@ -121,50 +122,21 @@ OPENAPI = {
     },
 }
 
-STOCKADE_TOML = """\
-[proxy]
-workers = {workers}
-status_dir = "{state}/status"
-metrics_dir = "{state}/metrics"
-access_log = "/dev/null"
-drain_timeout = "5s"
 
-[proxy.admin]
-port = 0
-
-[[proxy.listeners]]
-address = "{host}"
-port = {port}
-
-[proxy.pools.upstream]
-servers = ["{host}:{upstream_port}"]
-
-[proxy.pools.upstream.health]
-enabled = false
-
-[[proxy.routes]]
-name = "off"
-pool = "upstream"
-
-[[proxy.routes]]
-name = "sqli_xss"
-pool = "upstream"
-path_prefix = "/sqli_xss/"
-waf = "sqli_xss"
-
-[[proxy.routes]]
-name = "crs"
-pool = "upstream"
-path_prefix = "/crs/"
-waf = "crs"
-
-[[proxy.routes]]
-name = "zero_trust"
-pool = "upstream"
-path_prefix = "/zero_trust/"
-waf = "zero_trust"
-openapi = "{openapi}"
-"""
+def stockade_config(workers: int, port: int, upstream_port: int, state: Path, openapi: Path) -> str:
+    """A route per mode on the one upstream: /off/ (every other path), /sqli_xss/, ..."""
+    routes = [gateways.Route(name="off")] + [
+        gateways.Route(
+            name=mode,
+            path_prefix=f"/{mode}/",
+            waf=mode,
+            openapi=openapi if mode == "zero_trust" else None,
+        )
+        for mode in WAF_MODES
+    ]
+    return gateways.stockade_toml(
+        workers=workers, port=port, upstream_port=upstream_port, state=state, routes=routes
+    )
 
 
 def _request(
@@ -234,11 +206,7 @@ def _jobs(waf: Waf, mode: str, mix: str) -> list[Callable[[], Verdict]]:
                 "http", API_HOST, path, method, pairs, headers, (), "application/json"
             )
             gate = waf.gates[mode]
-            jobs.append(
-                lambda gate=gate, facts=facts, body=body: waf.check_openapi(
-                    gate, facts, body or None, ()
-                )
-            )
+            jobs.append(partial(waf.check_openapi, gate, facts, body or None, ()))
         else:
             data = EngineInput(
                 "198.18.0.1",
@@ -256,7 +224,7 @@ def _jobs(waf: Waf, mode: str, mix: str) -> list[Callable[[], Verdict]]:
                 body or None,
             )
             rules = waf.rules[engine_mode]
-            job = lambda rules=rules, data=data: waf.evaluate(rules, data)  # noqa: E731
+            job: Callable[[], Verdict] = partial(waf.evaluate, rules, data)
             if mode == "sqli_xss":
                 assert waf.fast_pass is not None
                 job = _staged(waf.fast_pass, data, job)
@@ -388,16 +356,7 @@ def gateway(rounds: int, duration: int) -> dict[str, Any]:
             )
         )
         toml = tmp / "stockade.toml"
-        toml.write_text(
-            STOCKADE_TOML.format(
-                workers=workers,
-                state=tmp,
-                host=HOST,
-                port=port,
-                upstream_port=upstream_port,
-                openapi=document,
-            )
-        )
+        toml.write_text(stockade_config(workers, port, upstream_port, tmp, document))
         argv = [*l7.STOCKADE, "--config", str(toml), "proxy", "run"]
         pid = stack.enter_context(l7.serving("stockade", argv, port, tmp / "stockade.log"))
         headers = {name: value for name, value in HEADERS}
@@ -418,7 +377,10 @@ def gateway(rounds: int, duration: int) -> dict[str, Any]:
 
         def load(mode: str) -> l7.Load:
             return l7.Load(
-                f"/{mode}{GATEWAY_PATH}", wrk_headers, WRK_PATHS, (str(path_files[mode]),)
+                f"/{mode}{GATEWAY_PATH}",
+                wrk_headers,
+                WRK_LINES,
+                (str(path_files[mode]), "0", "path"),
             )
 
         for mode in variants:

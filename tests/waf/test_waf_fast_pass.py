@@ -13,13 +13,15 @@ import asyncio
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
 from waf_harness import HOST, RecordingUpstream, serving, waf_config
 
+from stockade.proxy.app import Gateway
 from stockade.proxy.waf.fast_pass import (
     RULES_SHA256,
     FastPass,
@@ -332,41 +334,43 @@ async def _post_json(base: str, path: str, document: object) -> int:
             return response.status
 
 
+@asynccontextmanager
+async def sqli_xss_gateway(tmp_path: Path, waf: WafConfig) -> AsyncIterator[tuple[str, Gateway]]:
+    """A gateway with one sqli_xss route at /s/ in front of a recording upstream."""
+    upstream = RecordingUpstream()
+    await upstream.start()
+    try:
+        routes = {"s": RouteWaf("sqli_xss")}
+        async with serving(waf_config(upstream, tmp_path / "access.log", routes, waf)) as served:
+            yield served
+    finally:
+        await upstream.stop()
+
+
 @pytest.mark.parametrize("fast_pass", [True, False])
 def test_the_gateway_passes_clean_requests_without_a_transaction(
     tmp_path: Path, fast_pass: bool
 ) -> None:
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        await upstream.start()
-        try:
-            config = waf_config(
-                upstream,
-                tmp_path / "access.log",
-                {"s": RouteWaf("sqli_xss")},
-                WafConfig(fast_pass=fast_pass),
-            )
-            async with serving(config) as (base, gateway):
-                waf = gateway.waf
-                assert waf is not None
-                assert await _get(base, "/s/items?q=hello+world&page=2", Cookie="a=b") == 200
-                assert await _get(base, "/s/items?q=1'+or+'1'='1") == 403
-                assert await _get(base, "/s/items?q=%3Cscript%3Ealert(1)%3C/script%3E") == 403
-                assert await _get(base, "/s/items", Cookie="s=1' union select 1 --") == 403
-                assert await _get(base, "/s/caf%C3%A9?q=%C3%A9t%C3%A9") == 200
-                order = {"order": {"items": [{"sku": "A-1", "qty": 2}], "note": "O'Brien"}}
-                assert await _post_json(base, "/s/orders", order) == 200
-                attack = {"order": {"note": "1' union select password from users --"}}
-                assert await _post_json(base, "/s/orders", attack) == 403
-                assert await _post_json(base, "/s/orders", {"<script>alert(1)</script>": 1}) == 403
-                counters = waf.counters
-                assert counters.inspected["sqli_xss"] == 8
-                assert counters.fast_passed == (2 if fast_pass else 0)
-                gateway.sync_metrics()
-                metric = gateway.metrics.waf_fast_passed._value.get()  # type: ignore[attr-defined]
-                assert metric == counters.fast_passed
-        finally:
-            await upstream.stop()
+        async with sqli_xss_gateway(tmp_path, WafConfig(fast_pass=fast_pass)) as (base, gateway):
+            waf = gateway.waf
+            assert waf is not None
+            assert await _get(base, "/s/items?q=hello+world&page=2", Cookie="a=b") == 200
+            assert await _get(base, "/s/items?q=1'+or+'1'='1") == 403
+            assert await _get(base, "/s/items?q=%3Cscript%3Ealert(1)%3C/script%3E") == 403
+            assert await _get(base, "/s/items", Cookie="s=1' union select 1 --") == 403
+            assert await _get(base, "/s/caf%C3%A9?q=%C3%A9t%C3%A9") == 200
+            order = {"order": {"items": [{"sku": "A-1", "qty": 2}], "note": "O'Brien"}}
+            assert await _post_json(base, "/s/orders", order) == 200
+            attack = {"order": {"note": "1' union select password from users --"}}
+            assert await _post_json(base, "/s/orders", attack) == 403
+            assert await _post_json(base, "/s/orders", {"<script>alert(1)</script>": 1}) == 403
+            counters = waf.counters
+            assert counters.inspected["sqli_xss"] == 8
+            assert counters.fast_passed == (2 if fast_pass else 0)
+            gateway.sync_metrics()
+            metric = gateway.metrics.waf_fast_passed._value.get()  # type: ignore[attr-defined]
+            assert metric == counters.fast_passed
 
     asyncio.run(scenario())
 
@@ -376,20 +380,9 @@ def test_custom_rules_still_see_every_request(tmp_path: Path) -> None:
     rules.write_text('SecRule ARGS "@contains forbidden" "id:43000,phase:2,deny,status:403,log"\n')
 
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        await upstream.start()
-        try:
-            config = waf_config(
-                upstream,
-                tmp_path / "access.log",
-                {"s": RouteWaf("sqli_xss")},
-                WafConfig(sqli_xss_rules=rules),
-            )
-            async with serving(config) as (base, gateway):
-                assert await _get(base, "/s/items?q=forbidden") == 403
-                assert await _get(base, "/s/items?q=fine") == 200
-                assert gateway.waf is not None and gateway.waf.counters.fast_passed == 0
-        finally:
-            await upstream.stop()
+        async with sqli_xss_gateway(tmp_path, WafConfig(sqli_xss_rules=rules)) as (base, gateway):
+            assert await _get(base, "/s/items?q=forbidden") == 403
+            assert await _get(base, "/s/items?q=fine") == 200
+            assert gateway.waf is not None and gateway.waf.counters.fast_passed == 0
 
     asyncio.run(scenario())
