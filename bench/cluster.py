@@ -143,7 +143,7 @@ def controller(home: Path, lab: topology.Lab, node: str, url: str) -> Iterator[P
             pin_root.rmdir()
 
 
-def watcher(lab: topology.Lab, source: str) -> subprocess.Popen[bytes]:
+def watcher(lab: topology.Lab, source: str) -> subprocess.Popen[str]:
     args = [
         "--src", source, "--dst", topology.UPSTREAM_V4, "--port", str(topology.UPSTREAM_PORT),
         "--duration", str(WATCH_S), "--interval", str(PROBE_INTERVAL_S),
@@ -153,7 +153,7 @@ def watcher(lab: topology.Lab, source: str) -> subprocess.Popen[bytes]:
     return popen_in_netns(lab.client_ns, argv, stdout=subprocess.PIPE)
 
 
-def first_drop(proc: subprocess.Popen[bytes], asked: float) -> float | None:
+def first_drop(proc: subprocess.Popen[str], asked: float) -> float | None:
     out, _ = proc.communicate(timeout=WATCH_S + 30)
     attempts = [(float(at), bool(ok)) for at, ok in json.loads(out)["attempts"]]
     if not any(ok for at, ok in attempts if at < asked):
