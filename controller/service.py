@@ -273,15 +273,21 @@ class BanService:
 
     def remove_remote(self, net: Network) -> bool:
         """Lift a ban that another node lifted; False when it was not banned here."""
+        previous, removed = self._remove(net)
+        if previous is not None:
+            self.events[("unban", previous.source)] += 1
+        return removed
+
+    def _remove(self, net: Network) -> tuple[Ban | None, bool]:
+        """Delete a ban from the store (with its unban event) and the map, in one
+        transaction: the ban as it was, and whether either held it."""
         with self.store.transaction():
             previous = self.store.get_ban(net)
             existed = self.store.delete_ban(net)
             if previous is not None:
                 self.store.add_event(BanEvent.of_ban(previous, "unban", self.clock.wall()))
             in_map = self.maps.delete_ban(net)
-        if previous is not None:
-            self.events[("unban", previous.source)] += 1
-        return existed or in_map
+        return previous, existed or in_map
 
     def active_bans(self) -> list[Ban]:
         now = self.clock.wall()
@@ -460,13 +466,8 @@ class BanService:
 
     def unban(self, target: str) -> dict[str, Any]:
         net = _target(target)
-        with self.store.transaction():
-            previous = self.store.get_ban(net)
-            existed = self.store.delete_ban(net)
-            if previous is not None:
-                self.store.add_event(BanEvent.of_ban(previous, "unban", self.clock.wall()))
-            in_map = self.maps.delete_ban(net)
-        if not existed and not in_map:
+        previous, removed = self._remove(net)
+        if not removed:
             raise CommandError(
                 NOT_FOUND, f"{format_target(net)} is not banned", "list bans with `stockade bans`"
             )
