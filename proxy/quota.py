@@ -146,15 +146,11 @@ class QuotaCounters:
         key = digest(f"{consumer}\0{p.label}")
         group, lock = table.locate(key)
         with lock:
-            offset, new = table.find(key, group, int(mono * 1e9), claim=True)
+            offset = self._claim(key, group, consumer, plan, p.label, p.ends - now, mono)
             if offset < 0:
                 self.full += 1
                 return True, 0  # fail open: never refuse a customer for our table's size
             q = offset // 8
-            if new:
-                self._name(offset, consumer, plan, p.label)
-                grace = p.ends - now + RECLAIM_GRACE
-                table.quads[q + 2] = int((mono + grace) * 1e9)
             used = table.quads[q + 3]
             if used >= quota:
                 return False, used
@@ -171,22 +167,36 @@ class QuotaCounters:
         key = digest(f"{consumer}\0{p.label}")
         group, lock = table.locate(key)
         with lock:
-            offset, new = table.find(key, group, int(mono * 1e9), claim=True)
+            offset = self._claim(key, group, consumer, plan, p.label, p.ends - now, mono)
             if offset < 0:
                 self.full += 1
                 return
-            q = offset // 8
-            if new:
-                self._name(offset, consumer, plan, p.label)
-                table.quads[q + 2] = int((mono + p.ends - now + RECLAIM_GRACE) * 1e9)
-            table.quads[q + 3] = max(table.quads[q + 3], used)
+            q = offset // 8 + 3
+            table.quads[q] = max(table.quads[q], used)
         self.dirty.add(offset)
 
-    def _name(self, offset: int, consumer: str, plan: str, label: str) -> None:
-        text = f"{consumer}\0{plan}\0{label}".encode()[:TEXT_BYTES]
-        start = offset + 40
-        self.table.memory[start : start + len(text)] = text
-        self.table.quads[offset // 8 + 4] = len(text)
+    def _claim(
+        self,
+        key: bytes,
+        group: int,
+        consumer: str,
+        plan: str,
+        label: str,
+        left: float,
+        mono: float,
+    ) -> int:
+        """Under the group's lock: the slot of (consumer, period), claimed and named when
+        new (reclaimable RECLAIM_GRACE after the period's end, `left` seconds from now);
+        -1 when the table is full."""
+        table = self.table
+        offset, new = table.find(key, group, int(mono * 1e9), claim=True)
+        if offset >= 0 and new:
+            text = f"{consumer}\0{plan}\0{label}".encode()[:TEXT_BYTES]
+            start = offset + 40
+            table.memory[start : start + len(text)] = text
+            table.quads[offset // 8 + 4] = len(text)
+            table.quads[offset // 8 + 2] = int((mono + left + RECLAIM_GRACE) * 1e9)
+        return offset
 
     def load(self, rows: list[Usage], now: float, mono: float) -> int:
         """Put stored counts for the current periods into the table (the master, at start)."""
@@ -199,15 +209,13 @@ class QuotaCounters:
             key = digest(f"{row.consumer}\0{row.period}")
             group, lock = self.table.locate(key)
             with lock:
-                offset, _ = self.table.find(key, group, int(mono * 1e9), claim=True)
+                left = ends[row.period] - now
+                offset = self._claim(key, group, row.consumer, row.plan, row.period, left, mono)
                 if offset < 0:
                     log.error("quota table full; %s starts from 0", row.consumer)
                     continue
-                self._name(offset, row.consumer, row.plan, row.period)
-                q = offset // 8
-                grace = ends[row.period] - now + RECLAIM_GRACE
-                self.table.quads[q + 2] = int((mono + grace) * 1e9)
-                self.table.quads[q + 3] = max(self.table.quads[q + 3], row.count)
+                q = offset // 8 + 3
+                self.table.quads[q] = max(self.table.quads[q], row.count)
             loaded += 1
         return loaded
 
