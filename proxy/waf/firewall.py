@@ -201,22 +201,15 @@ class Waf:
     def passes_fast(self, request: BaseRequest, route: Route) -> bool:
         """A sqli_xss request without a body that the fast pass passes (no coroutine,
         no transaction); False: inspect() it."""
-        fast = self.fast_pass
-        if fast is None or route.waf.mode != "sqli_xss" or request.body_exists:
-            return False
-        uri = request.raw_path.encode("utf-8", "surrogateescape")
-        if not fast.passes(uri, request.raw_headers, None):
+        if request.body_exists or not self._fast_passed(request, route, None):
             return False
         self.counters.inspected["sqli_xss"] += 1
-        self.counters.fast_passed += 1
         return True
 
-    def _fast_passes_body(
-        self, request: BaseRequest, route: Route, body: bytes | None, codings: tuple[str, ...]
-    ) -> bool:
-        """A sqli_xss request with a (JSON) body that the fast pass passes."""
+    def _fast_passed(self, request: BaseRequest, route: Route, body: bytes | None) -> bool:
+        """The fast pass passes this sqli_xss request (counted); False: the engine decides."""
         fast = self.fast_pass
-        if fast is None or route.waf.mode != "sqli_xss" or codings:
+        if fast is None or route.waf.mode != "sqli_xss":
             return False
         uri = request.raw_path.encode("utf-8", "surrogateescape")
         if not fast.passes(uri, request.raw_headers, body):
@@ -235,8 +228,8 @@ class Waf:
         gate = self.gates.get(route.name)
         if gate is not None:
             job, size = self._openapi_job(gate, request, ctx, body, codings)
-        elif self._fast_passes_body(request, route, body, codings):
-            return
+        elif request.body_exists and not codings and self._fast_passed(request, route, body):
+            return  # (without a body, passes_fast tried it already)
         else:
             data = self._engine_input(request, ctx, route, body, codings)
             rules = self.rules[route.name]
