@@ -48,6 +48,7 @@ from typing import NoReturn
 from urllib.parse import unquote_to_bytes
 
 from stockade.proxy.waf.modsec import ModSecurityError, library
+from stockade.proxy.waf.rulesets import JSON_CONTENT_TYPE, XML_CONTENT_TYPE
 
 log = logging.getLogger("stockade.proxy.waf")
 
@@ -60,12 +61,12 @@ _NOT_PLAIN = re.compile(rb"[^\x01-\x24\x27-\x2a\x2c-\x5b\x5d-\x7f]")
 _C_SPACE = b" \t\n\v\f\r"  # C's isspace(), with which ModSecurity trims cookie names
 _RULE_HEADERS = frozenset({b"user-agent", b"referer"})  # REQUEST_HEADERS:User-Agent|Referer
 CACHE_ENTRIES = 8192  # clean strings remembered per worker
-JSON_MAX_DEPTH = 32  # deeper JSON bodies go to the engine (whose own limit is 10,000)
-# The body processors' Content-Types: rules 200000 (XML) and 200001 (JSON) of
-# proxy/waf/rulesets.py, as PCRE reads them (caseless ASCII, anchored at the start).
-_XML_TYPE = re.compile(rb"(?:application(?:/soap\+|/)|text/)xml", re.IGNORECASE)
-_JSON_TYPE = re.compile(rb"application/(?:[a-z0-9.-]+\+)?json", re.IGNORECASE)
 CACHE_MAX_LENGTH = 512  # longer strings are checked every time
+JSON_MAX_DEPTH = 32  # deeper JSON bodies go to the engine (whose own limit is 10,000)
+# The body processors' Content-Types as PCRE reads rules 200000 and 200001
+# (caseless ASCII, anchored at the start: re.match).
+_XML_TYPE = re.compile(XML_CONTENT_TYPE.encode(), re.IGNORECASE)
+_JSON_TYPE = re.compile(JSON_CONTENT_TYPE.encode(), re.IGNORECASE)
 
 
 def rules_digest(text: bytes) -> str:
@@ -158,10 +159,10 @@ class _Container:
 class _JsonArguments:
     """The ARGS a JSON body becomes (RequestBodyProcessor::JSON's yajl callbacks).
 
-    A value's name is
-    the containers' names joined - an array's as NAME.array_N, a map's as
-    NAME. - then the current key (or nothing in an array), the top level
-    being "json" and an empty key "empty-key", as getCurrentKey() has it.
+    A value's name is the containers' names joined - an array's as
+    NAME.array_N, a map's as NAME. - then the current key (or nothing in an
+    array), the top level being "json" and an empty key "empty-key", as
+    getCurrentKey() has it.
     """
 
     def __init__(self) -> None:
@@ -328,7 +329,6 @@ class FastPass:
             return False
         self._remember(key)
         return True
-
 
     def _body_clean(self, content_types: list[bytes], body: bytes | None) -> bool:
         """A JSON body (one Content-Type, the JSON processor's) whose strings are clean;

@@ -30,6 +30,10 @@ CRS_AFTER = "RESPONSE-999-EXCLUSION-RULES-AFTER-CRS.conf"
 # engine on, bodies read, JSON and XML bodies parsed into ARGS/XML, and a body
 # that does not parse as its declared type refused, since what the engine
 # could not parse it could not inspect either.
+# The Content-Types (matched caseless from the start) whose bodies rules 200000
+# and 200001 hand to the XML and JSON processors; fast_pass.py reads them too.
+XML_CONTENT_TYPE = r"(?:application(?:/soap\+|/)|text/)xml"
+JSON_CONTENT_TYPE = r"application/(?:[a-z0-9.-]+\+)?json"
 _ENGINE = """\
 SecRuleEngine On
 SecRequestBodyAccess On
@@ -38,9 +42,9 @@ SecRequestBodyNoFilesLimit {limit}
 SecRequestBodyLimitAction Reject
 SecResponseBodyAccess Off
 SecAuditEngine Off
-SecRule REQUEST_HEADERS:Content-Type "@rx (?i)^(?:application(?:/soap\\+|/)|text/)xml" \
+SecRule REQUEST_HEADERS:Content-Type "@rx (?i)^{xml}" \
     "id:200000,phase:1,t:none,pass,nolog,ctl:requestBodyProcessor=XML"
-SecRule REQUEST_HEADERS:Content-Type "@rx (?i)^application/(?:[a-z0-9.-]+\\+)?json" \
+SecRule REQUEST_HEADERS:Content-Type "@rx (?i)^{json}" \
     "id:200001,phase:1,t:none,pass,nolog,ctl:requestBodyProcessor=JSON"
 SecRule REQBODY_ERROR "!@eq 0" \
     "id:200002,phase:2,t:none,deny,status:400,log,msg:'Failed to parse request body',\
@@ -68,7 +72,9 @@ SecAction "id:900990,phase:1,nolog,pass,t:none,setvar:tx.crs_setup_version=334"
 
 def engine_settings(body_limit: int) -> str:
     # The engine's own body limit is only a backstop: the WAF never appends more.
-    return _ENGINE.format(limit=max(body_limit, 1))
+    return _ENGINE.format(
+        limit=max(body_limit, 1), xml=XML_CONTENT_TYPE, json=JSON_CONTENT_TYPE
+    )
 
 
 def crs_setup(crs: CrsConfig) -> str:
