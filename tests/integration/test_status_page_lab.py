@@ -13,12 +13,8 @@ the controller's own counters. A screenshot is kept as an artifact.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,48 +29,35 @@ from chromium_headless import (
     screenshot,
 )
 from controller_harness import RunningController, running_controller
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_traffic_lab import (
+    ALLOWED_SRC,
+    BANNED_SRC,
+    FRAME,
+    LIMIT,
+    LIMITED_SRC,
+    UPSTREAM,
+    Samples,
+    parse,
+    proxy_config,
+    requests,
+    run_py,
+    running_proxy,
+    send_datagrams,
+    total,
+    wait_until,
+)
 
-from stockade.lab.netns_exec import popen_in_netns, python_argv, run_in_netns
 from stockade.lab.topology import Lab
 from stockade.stats_view import latency, quantile
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 
-ALLOWED_SRC, LIMITED_SRC, BANNED_SRC = "198.18.0.10", "198.18.0.11", "198.18.0.12"
 QUIET_PREFIX = "198.18.77.0/24"  # banned for good, never sends
-GW, PORT, UPSTREAM = "198.18.0.1", 8080, "198.18.1.10:8080"
-WORKERS = 3
-N, LIMIT, K, M = 12, 4, 5, 17
-PAYLOAD = 100
-FRAME = 14 + 20 + 8 + PAYLOAD  # what XDP counts per datagram
+N, K, M = 12, 5, 17
 USER, PASSWORD = "operator", "pa55-w0rd"
 # from a client, as far as the page knows: it must come out as text, never as markup
 REASON = '<script>alert("x")</script> & <b>scanner</b>'
 WINDOW = (1400, 1000)
-
-REQUESTS = """
-import json, socket, sys
-src, gw, port, path, count = sys.argv[1:6]
-statuses = []
-for _ in range(int(count)):
-    with socket.create_connection((gw, int(port)), timeout=5, source_address=(src, 0)) as s:
-        s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: t\\r\\nConnection: close\\r\\n\\r\\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    statuses.append(int(data.split(b" ", 2)[1]))
-print(json.dumps(statuses))
-"""
-
-DATAGRAMS = """
-import socket, sys
-src, dst, count, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-    s.bind((src, 0))
-    for _ in range(count):
-        s.sendto(bytes(size), (dst, 9))
-"""
 
 # GET (or another method) on the admin listener: prints status, WWW-Authenticate, body.
 ADMIN = """
@@ -93,29 +76,12 @@ print(json.dumps({"status": status, "challenge": headers.get_all("WWW-Authentica
                   "csp": headers.get("Content-Security-Policy"), "body": body}))
 """
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def run_py(netns: str, script: str, *args: str) -> str:
-    result = run_in_netns(netns, python_argv("-c", script, *args), capture_output=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def total(found: Samples, name: str, **labels: str) -> float:
-    return sum(
-        value
-        for (sample, sample_labels), value in found.items()
-        if sample == name and set(labels.items()) <= set(sample_labels)
-    )
-
 
 @dataclass
 class Gateway:
     lab: Lab
     ctl: RunningController
     status_dir: Path
-    log: Path
 
     @property
     def admin_base(self) -> str:
@@ -129,93 +95,18 @@ class Gateway:
     def scrape(self) -> Samples:
         reply = self.admin("/metrics")
         assert reply["status"] == 200, reply
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(reply["body"])
-            for s in family.samples
-        }
-
-
-def proxy_config(tmp: Path, ctl: RunningController) -> str:
-    password = tmp / "admin.pw"
-    password.write_text(PASSWORD + "\n")
-    return f"""
-[controller]
-socket = "{ctl.socket}"
-[proxy]
-metrics_dir = "{tmp / "metrics"}"
-status_dir = "{tmp / "status"}"
-workers = {WORKERS}
-[proxy.admin]
-port = 0
-basic_auth_user = "{USER}"
-basic_auth_password_file = "{password}"
-[proxy.rate_limiting.limits.per_ip]
-rate = "{LIMIT}/min"
-[[proxy.listeners]]
-address = "{GW}"
-port = {PORT}
-[proxy.pools.api]
-servers = ["{UPSTREAM}"]
-[proxy.pools.api.health]
-enabled = false
-[[proxy.routes]]
-name = "hello"
-path_prefix = "/api"
-pool = "api"
-[[proxy.routes]]
-name = "health"
-path_prefix = "/health"
-pool = "api"
-rate_limits = ["per_ip"]
-"""
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
+        return parse(reply["body"])
 
 
 @pytest.fixture
 def gateway(lab: Lab, tmp_path: Path) -> Iterator[Gateway]:
+    password = tmp_path / "admin.pw"
+    password.write_text(PASSWORD + "\n")
+    admin = f'basic_auth_user = "{USER}"\nbasic_auth_password_file = "{password}"'
     with running_controller(tmp_path, lab.gateway_ns, lab.gateway_if, mode="native") as ctl:
-        config = tmp_path / "proxy.toml"
-        config.write_text(proxy_config(tmp_path, ctl))
-        log = tmp_path / "proxy.log"
-        with log.open("wb") as out:
-            proxy = popen_in_netns(
-                lab.gateway_ns,
-                python_argv("-m", "stockade.cli.main", "--config", str(config), "proxy", "run"),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        gw = Gateway(lab, ctl, tmp_path / "status", log)
-        try:
-
-            def ready() -> bool:  # serving, and every worker has published its gauges
-                assert proxy.poll() is None, log.read_text()
-                if not (gw.status_dir / "admin.json").exists():
-                    return False
-                workers = list(gw.status_dir.glob("worker-*.json"))
-                found = gw.scrape()
-                return len(workers) == WORKERS and any(
-                    name == "stockade_proxy_upstream_up" for name, _ in found
-                )
-
-            wait_until(ready, f"the proxy did not start:\n{log.read_text()}", timeout=30)
+        gw = Gateway(lab, ctl, tmp_path / "status")
+        with running_proxy(lab, tmp_path, proxy_config(tmp_path, ctl, admin), gw.scrape):
             yield gw
-        finally:
-            if proxy.poll() is None:
-                os.kill(proxy.pid, signal.SIGTERM)
-                proxy.wait(timeout=30)
-
-
-def requests(lab: Lab, src: str, path: str, count: int) -> list[int]:
-    out = run_py(lab.client_ns, REQUESTS, src, GW, str(PORT), path, str(count))
-    statuses: list[int] = json.loads(out)
-    return statuses
 
 
 def buckets(found: Samples, route: str) -> dict[float, float]:
@@ -233,7 +124,7 @@ def test_the_page_shows_what_the_metrics_show(gateway: Gateway, tmp_path: Path) 
     ctl.api("ban", target=QUIET_PREFIX)
     assert requests(lab, ALLOWED_SRC, "/api/hello", N) == [200] * N
     assert requests(lab, LIMITED_SRC, "/health", LIMIT + K) == [200] * LIMIT + [429] * K
-    run_py(lab.client_ns, DATAGRAMS, BANNED_SRC, GW, str(M), str(PAYLOAD))
+    send_datagrams(lab, BANNED_SRC, M)
     name = "stockade_proxy_requests_total"
     wait_until(
         lambda: total(gateway.scrape(), name) >= N + LIMIT + K,
