@@ -55,7 +55,7 @@ from types import FrameType
 from typing import Any
 
 from bench import l7, report
-from bench.common import BENCH_DIR, BenchError, machine, now_iso, save_results, source_revision
+from bench.common import BENCH_DIR, BenchError, machine, now_iso, source_revision
 from bench.report import ESC_HAPROXY, ESC_STOCKADE
 from stockade.cli.client import ControllerUnavailable, call, wait_until_serving
 from stockade.controller import loader
@@ -809,9 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    path = save_results("escalation", results)
-    print(report.render_escalation(results))
-    print(f"escalation: results in {path}; README in {report.write_readme()}", file=sys.stderr)
+    report.publish("escalation", results)
     return 0
 
 

@@ -46,7 +46,6 @@ from bench.common import (
     now_iso,
     pin_root,
     reference_programs,
-    save_results,
     source_revision,
     stockade_program,
 )
@@ -375,10 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench.flood: {exc}", file=sys.stderr)
         return 1
-    path = save_results("flood", results)
-    print(report.render_summary({"flood": results}, measured_only=True))
-    print(report.render_flood(results))
-    print(f"flood: results in {path}; README in {report.write_readme()}", file=sys.stderr)
+    report.publish("flood", results, summary=True)
     return 0
 
 

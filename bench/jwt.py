@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateways, l7, report
-from bench.common import BENCH_DIR, BenchError, machine, now_iso, save_results, source_revision
+from bench.common import BENCH_DIR, BenchError, machine, now_iso, source_revision
 from bench.report import JWT_DISTINCT, JWT_HAPROXY, JWT_NONE, JWT_REPEATED
 
 HOST = l7.HOST
@@ -219,9 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench.jwt: {exc}", file=sys.stderr)
         return 1
-    path = save_results("jwt", results)
-    print(report.render_jwt(results))
-    print(f"jwt: results in {path}; README in {report.write_readme()}", file=sys.stderr)
+    report.publish("jwt", results)
     return 0
 
 

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateways, report
-from bench.common import BENCH_DIR, BenchError, machine, now_iso, save_results, source_revision
+from bench.common import BENCH_DIR, BenchError, machine, now_iso, source_revision
 from bench.report import (
     DIRECT,
     HAPROXY,
@@ -652,9 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench.l7: {exc}", file=sys.stderr)
         return 1
-    path = save_results("l7", results)
-    print(report.render_l7(results))
-    print(f"l7: results in {path}; README in {report.write_readme()}", file=sys.stderr)
+    report.publish("l7", results)
     return 0
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateways, l7, report
-from bench.common import BenchError, machine, now_iso, save_results, source_revision
+from bench.common import BenchError, machine, now_iso, source_revision
 from bench.report import LIMITS_HAPROXY, LIMITS_HAPROXY_THREE, LIMITS_NONE, LIMITS_THREE
 
 HOST = l7.HOST
@@ -178,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench.limits: {exc}", file=sys.stderr)
         return 1
-    path = save_results("limits", results)
-    print(report.render_limits(results))
-    print(f"limits: results in {path}; README in {report.write_readme()}", file=sys.stderr)
+    report.publish("limits", results)
     return 0
 
 

@@ -7,12 +7,13 @@ tables, ratios and target verdicts, so the README always matches the data.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench import plan
-from bench.common import OUT_DIR, RESULTS_DIR, Summary, load_results
+from bench.common import OUT_DIR, RESULTS_DIR, Summary, load_results, save_results
 
 README = OUT_DIR / "README.md"
 RATIO_LIMIT = 1.5
@@ -2180,6 +2181,16 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "waf": render_waf,
     "cluster": render_cluster,
 }
+
+
+def publish(name: str, results: dict[str, Any], summary: bool = False) -> None:
+    """A case's end: its results saved, its section printed (after the Summary's lines
+    for it, with summary), and bench/README.md rewritten with every case's results."""
+    path = save_results(name, results)
+    if summary:
+        print(render_summary({name: results}, measured_only=True))
+    print(RENDER[name](results))
+    print(f"{name}: results in {path}; README in {write_readme()}", file=sys.stderr)
 
 
 def load_all(directory: Path = RESULTS_DIR) -> dict[str, dict[str, Any] | None]:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateways, l7, report
-from bench.common import BenchError, machine, now_iso, save_results, source_revision
+from bench.common import BenchError, machine, now_iso, source_revision
 from bench.report import WAF_MIXES, WAF_MODES, WAF_ROWS
 from stockade.proxy.settings import Pool, ProxyConfig, Route, Server
 from stockade.proxy.waf.fast_pass import FastPass
@@ -447,9 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "memory": memory,
         "gateway": served,
     }
-    path = save_results("waf", results)
-    print(report.render_waf(results))
-    print(f"waf: results in {path}; README in {report.write_readme()}", file=sys.stderr)
+    report.publish("waf", results)
     return 0
 
 

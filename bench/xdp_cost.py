@@ -48,7 +48,6 @@ from bench.common import (
     now_iso,
     pin_root,
     reference_programs,
-    save_results,
     source_revision,
     stockade_program,
 )
@@ -364,10 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench.xdp_cost: {exc}", file=sys.stderr)
         return 1
-    path = save_results("xdp_cost", results)
-    print(report.render_summary({"xdp_cost": results}, measured_only=True))
-    print(report.render_xdp_cost(results))
-    print(f"xdp_cost: results in {path}; README in {report.write_readme()}", file=sys.stderr)
+    report.publish("xdp_cost", results, summary=True)
     return 0
 
 
