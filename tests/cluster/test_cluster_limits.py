@@ -20,6 +20,14 @@ from stockade.proxy.quota import read_usage
 from stockade.proxy.settings import ProxyConfig
 from stockade.redis_conn import check_credentials
 
+SCANNER_RULE = """
+[[proxy.anomaly.rules]]
+name = "scanner"
+when = "distinct_404_paths > 5 in 1m"
+action = "deny"
+duration = "1m"
+scope = "{scope}"
+"""
 LIMIT = """
 [proxy.rate_limiting.limits.global]
 rate = "30/min"
@@ -144,21 +152,11 @@ def test_redis_down_falls_back_as_configured(
 def test_a_scanner_spread_over_nodes_is_caught_by_a_cluster_rule(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    rule = """
-[[proxy.anomaly.rules]]
-name = "scanner"
-when = "distinct_404_paths > 5 in 1m"
-action = "deny"
-duration = "1m"
-scope = "{scope}"
-"""
-
     async def scenario(scope: str) -> list[int]:
+        rule = SCANNER_RULE.format(scope=scope)
         async with upstream() as port:
             configs = [
-                proxy_config(
-                    tmp_path / scope / f"n{i}", port, redis_server.url(), rule.format(scope=scope)
-                )
+                proxy_config(tmp_path / scope / f"n{i}", port, redis_server.url(), rule)
                 for i in range(3)
             ]
             async with gateways(configs) as gws:
@@ -187,14 +185,7 @@ def test_a_wrong_password_is_a_clear_proxy_startup_error(redis_server: RedisServ
 def test_a_cluster_rule_judges_local_counts_scaled_while_redis_is_away(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    rule = """
-[[proxy.anomaly.rules]]
-name = "scanner"
-when = "distinct_404_paths > 5 in 1m"
-action = "deny"
-duration = "1m"
-scope = "cluster"
-"""
+    rule = SCANNER_RULE.format(scope="cluster")
     url = redis_server.url()
     redis_server.stop()
 
