@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import lab_upstream
 import pytest
 import trustme
 
@@ -44,17 +45,6 @@ print(json.dumps(results))
 """
 
 
-def upstream(lab: Lab, port: int) -> subprocess.Popen[str]:
-    proc = popen_in_netns(
-        lab.upstream_ns,
-        python_argv(str(Path(__file__).with_name("lab_upstream.py")), str(port)),
-        stdout=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().startswith("ready")
-    return proc
-
-
 def stop(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
@@ -73,12 +63,12 @@ def https_proxy(
     cert.cert_chain_pems[0].write_to_path(str(cert_path))
     cert.private_key_pem.write_to_path(str(key_path))
     ca.cert_pem.write_to_path(str(ca_path))
-    ups = {8080: upstream(lab, 18080), 8081: upstream(lab, 18081)}
+    ups = {8080: lab_upstream.start(lab, 18080), 8081: lab_upstream.start(lab, 18081)}
     config = tmp_path / "stockade.toml"
     config.write_text(
         f"""
 [proxy]
-metrics_dir = "{tmp_path / 'metrics'}"
+metrics_dir = "{tmp_path / "metrics"}"
 workers = 1
 [proxy.admin]
 port = 0
@@ -148,7 +138,7 @@ def test_https_balanced_failover_and_rejoin(
     rows = fetch(lab, ca, 10)
     assert all(row == [200, 18080] for row in rows), rows
 
-    ups[8081] = upstream(lab, 18081)  # it comes back and rejoins after `rise` checks
+    ups[8081] = lab_upstream.start(lab, 18081)  # it comes back and rejoins after `rise` checks
     time.sleep(INTERVAL * (RISE + 2))
     rows = fetch(lab, ca, 10)
     assert {port for _, port in rows} == {18080, 18081}

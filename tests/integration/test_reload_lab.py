@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import lab_upstream
 import pytest
 
 from stockade.lab.netns_exec import popen_in_netns, python_argv, run_in_netns
@@ -71,17 +72,6 @@ name = "rest"
 path_prefix = "/"
 pool = "blue"
 {extra}"""
-
-
-def upstream(lab: Lab, port: int) -> subprocess.Popen[str]:
-    proc = popen_in_netns(
-        lab.upstream_ns,
-        python_argv(str(Path(__file__).with_name("lab_upstream.py")), str(port)),
-        stdout=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().startswith("ready")
-    return proc
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -137,7 +127,7 @@ def fetch(lab: Lab, path: str) -> list[int]:
 
 @pytest.fixture
 def proxy(lab: Lab, tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[str]]]:
-    ups = [upstream(lab, BLUE), upstream(lab, GREEN)]
+    ups = [lab_upstream.start(lab, BLUE), lab_upstream.start(lab, GREEN)]
     config = tmp_path / "stockade.toml"
     config.write_text(config_text(tmp_path, "blue"))
     log = tmp_path / "proxy.log"
