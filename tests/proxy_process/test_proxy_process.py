@@ -238,9 +238,11 @@ def test_workers_drop_privileges(tmp_path: Path, upstream: int) -> None:
         config(port, upstream, workers=1, extra='user = "nobody"'), tmp_path, port
     ) as proxy:
         (worker,) = proxy.wait_workers(1)
+        # The worker drops privileges before it serves; checked right after fork it may
+        # still be root, so let it answer a request first.
+        assert http_get(port, "/x")[0] == 200
         assert _uid(worker) == nobody
         assert _uid(proxy.proc.pid) == 0
-        assert http_get(port, "/x")[0] == 200
 
 
 def test_status_shows_pool_health_from_the_workers(tmp_path: Path, upstream: int) -> None:
