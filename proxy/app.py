@@ -66,12 +66,9 @@ class Gateway:
         self.waf = Waf(config)  # loads the routes' rule sets and OpenAPI documents
         self.metrics = ProxyMetrics()
         self.draining = Draining()  # set when the worker stops: answers close connections
-        self.anomaly.on_action = lambda rule, action: self.metrics.anomaly_actions.labels(
-            rule, action
-        ).inc()
-        self.limiter.on_quota = lambda plan, period: self.metrics.quota_requests.labels(
-            plan, period
-        ).inc()
+        m = self.metrics
+        self.anomaly.on_action = lambda rule, action: m.count(m.anomaly_actions, rule, action)
+        self.limiter.on_quota = lambda plan, period: m.count(m.quota_requests, plan, period)
         if self.cluster is not None:
             self.cluster.on_state = lambda down: self.metrics.cluster_degraded.set(int(down))
         self._limit_counters: list[LimitCounters] = []
@@ -86,6 +83,7 @@ class Gateway:
     def sync_metrics(self) -> None:
         """What is kept as plain state elsewhere, into the metrics (once a second)."""
         m = self.metrics
+        m.flush()
         for name, state in self.upstreams.states.items():
             for row in state.snapshot():
                 server = str(row["address"])

@@ -30,11 +30,11 @@ Forward = Callable[[BaseRequest, RequestContext], Awaitable[StreamResponse]]
 
 
 class InFlight(Protocol):
-    """A gauge of the requests being handled (prometheus-client's Gauge fits)."""
+    """A count of the requests being handled (proxy.metrics.InFlight)."""
 
-    def inc(self, amount: float = 1) -> None: ...
+    def inc(self) -> None: ...
 
-    def dec(self, amount: float = 1) -> None: ...
+    def dec(self) -> None: ...
 
 
 class Draining:
@@ -44,10 +44,10 @@ class Draining:
 
 
 class _NoGauge:
-    def inc(self, amount: float = 1) -> None:
+    def inc(self) -> None:
         pass
 
-    def dec(self, amount: float = 1) -> None:
+    def dec(self) -> None:
         pass
 
 

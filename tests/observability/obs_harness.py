@@ -199,6 +199,7 @@ class Proxy:
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    sent: int = 0  # requests sent through `get`
 
     @property
     def status_dir(self) -> Path:
@@ -213,7 +214,15 @@ class Proxy:
         return scrape(f"http://127.0.0.1:{self.admin['port']}/metrics")
 
     def get(self, path: str, headers: str = "", host: str = "t") -> int:
+        self.sent += 1
         return get(self.port, path, headers, host)
+
+    def wait_counted(self, timeout: float = 10) -> None:
+        """Until the metrics count every request sent (workers flush them once a second)."""
+        deadline = time.monotonic() + timeout
+        while total(samples(self.scrape()), "stockade_proxy_requests_total") < self.sent:
+            assert time.monotonic() < deadline, f"{self.sent} requests not counted"
+            time.sleep(0.1)
 
 
 @contextmanager

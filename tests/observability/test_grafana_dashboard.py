@@ -109,6 +109,7 @@ def gateway(
         assert [p.get("/limited") for _ in range(LIMIT + 1)][-1] == 429
         assert p.get(SQLI) == 403
         controller.api("ban", target="198.18.0.99", ttl="10m")
+        p.wait_counted()
         try:
             yield p
         finally:

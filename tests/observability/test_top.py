@@ -39,6 +39,7 @@ def proxy(
         assert [p.get("/login", bad_key) for _ in range(LOGIN_FAILURES)] == [401] * 3
         statuses = [p.get("/limited") for _ in range(LIMIT + REFUSED)]
         assert statuses == [200] * LIMIT + [429] * REFUSED
+        p.wait_counted()
         yield p
 
 
