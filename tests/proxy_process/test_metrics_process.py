@@ -53,6 +53,22 @@ def total(found: Samples, name: str, **labels: str) -> float:
     )
 
 
+def counted(status_dir: Path, requests: int, timeout: float = 10) -> Samples:
+    """A scrape once the workers have flushed `requests` requests (they do once a second)
+    and refreshed their upstream gauges."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = samples(scrape_text(status_dir))
+        flushed = (
+            total(found, "stockade_proxy_requests_total") == requests
+            and total(found, "stockade_proxy_request_duration_seconds_count") == requests
+            and total(found, "stockade_proxy_upstream_up", pool="api") == 1
+        )
+        if flushed or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 EXTRA = """
 [proxy.rate_limiting.limits.per_ip]
 rate = "30/min"
@@ -67,8 +83,7 @@ def test_every_workers_requests_are_counted_once(tmp_path: Path, upstream: int) 
         workers = proxy.wait_workers(2)
         statuses = [status_of(port) for _ in range(40)]  # new connections: both workers
         assert statuses.count(200) == 30 and statuses.count(429) == 10
-        time.sleep(1.2)  # workers move their counts into the metric files once a second
-        found = samples(scrape_text(status_dir))
+        found = counted(status_dir, 40)
         name = "stockade_proxy_requests_total"
         assert total(found, name) == 40
         assert total(found, name, status="2xx", decision="allowed", route="route0") == 30
@@ -93,8 +108,7 @@ def test_every_workers_requests_are_counted_once(tmp_path: Path, upstream: int) 
         assert total(samples(scrape_text(status_dir)), name) == 40
         for _ in range(5):
             status_of(port)
-        time.sleep(1.2)
-        assert total(samples(scrape_text(status_dir)), name) == 45
+        assert total(counted(status_dir, 45), name) == 45
 
         # promtool, the reference checker, accepts the exposition
         result = subprocess.run(
