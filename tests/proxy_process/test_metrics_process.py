@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from process_harness import free_port, running_proxy, running_upstream
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from test_ratelimit_workers import proxy_config, status_of
 
@@ -119,6 +121,25 @@ def test_every_workers_requests_are_counted_once(tmp_path: Path, upstream: int) 
             timeout=30,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_worker_that_stops_writes_its_last_counts_first(tmp_path: Path, upstream: int) -> None:
+    """Workers write their counts once a second, and once more when they stop."""
+    port = free_port()
+    with running_proxy(proxy_config(port, upstream, 1, "", ""), tmp_path, port) as proxy:
+        proxy.wait_workers(1)
+        assert [status_of(port) for _ in range(20)] == [200] * 20
+        os.kill(proxy.proc.pid, signal.SIGTERM)  # within a second of the requests
+        assert proxy.proc.wait(timeout=30) == 0
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path / "status" / "metrics"))
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in registry.collect()
+        for s in family.samples
+    }
+    assert total(found, "stockade_proxy_requests_total") == 20
+    assert total(found, "stockade_proxy_request_duration_seconds_count") == 20
 
 
 def test_the_admin_listener_wants_its_token(tmp_path: Path, upstream: int) -> None:
