@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import time
 
+from prometheus_client import Counter
+
 from stockade.clock import Clock
 from stockade.proxy.access_log import AccessLog
 from stockade.proxy.anomaly import DEFAULT_RULES_SOCKET, AnomalyDetector
@@ -72,7 +74,7 @@ class Gateway:
         if self.cluster is not None:
             self.cluster.on_state = lambda down: self.metrics.cluster_degraded.set(int(down))
         self._limit_counters: list[LimitCounters] = []
-        self._synced: dict[str, int] = {}
+        self._synced: dict[tuple[Counter, tuple[str, ...]], int] = {}
         self._sync_task: asyncio.Task[None] | None = None
 
     def observe(self, ctx: RequestContext, method: str) -> None:
@@ -83,39 +85,32 @@ class Gateway:
     def sync_metrics(self) -> None:
         """What is kept as plain state elsewhere, into the metrics (once a second)."""
         m = self.metrics
-        m.flush()
         for name, state in self.upstreams.states.items():
             for row in state.snapshot():
                 server = str(row["address"])
                 up = bool(row["healthy"]) and not row["ejected"]
                 m.upstream_up.labels(name, server).set(1 if up else 0)
                 m.upstream_outstanding.labels(name, server).set(float(str(row["outstanding"])))
-        totals: dict[str, int] = {
-            "max_connections": sum(c.connections_refused for c in self._limit_counters),
-            "denied_source": self.anomaly.connections_refused,
-            "tls": HANDSHAKES.failures,
-            "cluster_fallbacks": self.cluster.fallbacks if self.cluster is not None else 0,
-            "waf_fast_passed": self.waf.counters.fast_passed,
+        totals: dict[tuple[Counter, tuple[str, ...]], int] = {
+            (m.connections_refused, ("max_connections",)): sum(
+                c.connections_refused for c in self._limit_counters
+            ),
+            (m.connections_refused, ("denied_source",)): self.anomaly.connections_refused,
+            (m.tls_handshake_failures, ()): HANDSHAKES.failures,
+            (m.cluster_fallbacks, ()): self.cluster.fallbacks if self.cluster is not None else 0,
+            (m.waf_fast_passed, ()): self.waf.counters.fast_passed,
         }
         waf = self.waf.counters
         for action, counts in (("block", waf.blocks), ("detect", waf.detections)):
             for (mode, rule), count in list(counts.items()):
-                totals[f"waf\0{action}\0{mode}\0{rule}"] = count
-        for key, total in totals.items():
+                totals[(m.waf_blocks, (mode, rule, action))] = count
+        for key, total in totals.items():  # counted here as the difference since last time
             delta = total - self._synced.get(key, 0)
             if delta > 0:
-                if key == "tls":
-                    m.tls_handshake_failures.inc(delta)
-                elif key == "cluster_fallbacks":
-                    m.cluster_fallbacks.inc(delta)
-                elif key == "waf_fast_passed":
-                    m.waf_fast_passed.inc(delta)
-                elif key.startswith("waf\0"):
-                    _, action, mode, rule = key.split("\0")
-                    m.waf_blocks.labels(mode, rule, action).inc(delta)
-                else:
-                    m.connections_refused.labels(key).inc(delta)
+                counter, labels = key
+                m.count(counter, *labels, amount=delta)
             self._synced[key] = total
+        m.flush()
 
     async def _sync_forever(self) -> None:
         while True:

@@ -232,10 +232,9 @@ class ProxyMetrics:
         )
         self._counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
         self._observed: dict[tuple[Histogram, str], _Observed] = {}
-        self._bounds = DURATION_BUCKETS  # the +Inf bucket is index len(DURATION_BUCKETS)
 
     def count(self, counter: Counter, *labels: str, amount: float = 1) -> None:
-        """Add to a labelled counter (in memory until the next flush)."""
+        """Add to a counter, with its labels if it has any (in memory until the next flush)."""
         key = (counter, labels)
         counts = self._counts
         counts[key] = counts.get(key, 0) + amount
@@ -244,9 +243,9 @@ class ProxyMetrics:
         key = (histogram, route)
         observed = self._observed.get(key)
         if observed is None:
-            observed = self._observed[key] = _Observed(len(self._bounds) + 1)
-        # prometheus' bucket: the first upper bound >= value
-        observed.counts[bisect_left(self._bounds, value)] += 1
+            observed = self._observed[key] = _Observed(len(DURATION_BUCKETS) + 1)  # and +Inf
+        # prometheus' bucket: the first upper bound >= value (+Inf: past the last)
+        observed.counts[bisect_left(DURATION_BUCKETS, value)] += 1
         observed.total += value
 
     def observe(self, ctx: RequestContext, method: str, elapsed: float) -> None:
@@ -270,7 +269,7 @@ class ProxyMetrics:
         """Everything counted since the last flush, into the metrics (once a second)."""
         counts, self._counts = self._counts, {}
         for (counter, labels), amount in counts.items():
-            counter.labels(*labels).inc(amount)
+            (counter.labels(*labels) if labels else counter).inc(amount)
         observed, self._observed = self._observed, {}
         for (histogram, route), pending in observed.items():
             add_observations(histogram.labels(route), pending.counts, pending.total)

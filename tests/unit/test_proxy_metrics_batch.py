@@ -108,6 +108,8 @@ def test_a_flush_writes_what_a_call_per_request_would_have() -> None:
             observe_directly(reference, ctx, method, took)
         batched.count(batched.quota_requests, "gold", "day", amount=3)
         reference.quota_requests.labels("gold", "day").inc(3)
+        batched.count(batched.tls_handshake_failures, amount=2)  # a counter without labels
+        reference.tls_handshake_failures.inc(2)
         if round_ == 0:  # nothing reaches the registry before the flush
             assert samples(batched.registry) == empty
         batched.flush()
