@@ -36,6 +36,17 @@ def free_port() -> int:
         return port
 
 
+def _reply_line(sock: socket.socket, limit: int = 512) -> bytes:
+    """One RESP reply line, through its CRLF (one recv may return only part of it)."""
+    data = b""
+    while not data.endswith(b"\r\n") and len(data) < limit:
+        chunk = sock.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 @dataclass
 class RedisServer:
     directory: Path
@@ -114,10 +125,10 @@ class RedisServer:
                 sock.connect(str(self.socket_path))
                 if self.password:
                     sock.sendall(_command("AUTH", self.password))
-                    if not sock.recv(64).startswith(b"+OK"):
+                    if _reply_line(sock) != b"+OK\r\n":
                         return False
                 sock.sendall(_command("PING"))
-                return sock.recv(64).startswith(b"+PONG")
+                return _reply_line(sock) == b"+PONG\r\n"
         except OSError:
             return False
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from stockade.clock import Clock
 from stockade.proxy.api_keys import ApiKeyEntry, ApiKeyStore, load_api_keys_file, parse_entries
 from stockade.proxy.auth_settings import AuthConfig, Issuer
-from stockade.proxy.jwt_auth import IssuerConfig, JwtVerifier
+from stockade.proxy.jwt_auth import IssuerConfig, JwtVerifier, ca_context, hmac_secret_size
 from stockade.proxy.stages.auth import Authenticator
 
 
@@ -31,34 +31,51 @@ def api_key_entries(config: AuthConfig) -> list[ApiKeyEntry]:
 
 
 def _secret(issuer: Issuer) -> bytes | None:
-    if issuer.hs256_secret_file is None:
+    path = issuer.secret_file
+    if path is None:
         return None
     try:
-        secret = issuer.hs256_secret_file.read_bytes().strip()
+        secret = path.read_bytes().strip()
     except OSError as exc:
-        raise AuthSetupError(f"{issuer.hs256_secret_file}: {exc.strerror}") from None
-    if len(secret) < 32:
-        raise AuthSetupError(f"{issuer.hs256_secret_file}: an HS256 secret needs 32 bytes or more")
+        raise AuthSetupError(f"{path}: {exc.strerror}") from None
+    # RFC 7518 3.2: as long as the hash output of the largest HS* allowed, or longer
+    size = hmac_secret_size(issuer.algorithms)
+    if len(secret) < size:
+        allowed = "/".join(a for a in issuer.algorithms if a.startswith("HS"))
+        raise AuthSetupError(f"{path}: a secret for {allowed} needs {size} bytes or more")
     return secret
 
 
+def _check_ca_file(issuer: Issuer) -> None:
+    """Load the CA file once here, so a bad one stops the proxy at start with its name."""
+    if issuer.ca_file is not None:
+        try:
+            ca_context(issuer.ca_file)
+        except ValueError as exc:
+            raise AuthSetupError(str(exc)) from None
+
+
+def _issuer_config(i: Issuer) -> IssuerConfig:
+    _check_ca_file(i)
+    return IssuerConfig(
+        name=i.name,
+        issuer=i.issuer,
+        audience=i.audience,
+        algorithms=i.algorithms,
+        jwks_url=i.jwks_url,
+        key_files=i.key_files,
+        hmac_secret=_secret(i),
+        leeway=i.leeway,
+        required_claims=i.required_claims,
+        jwks_refresh_interval=i.jwks_refresh_interval,
+        jwks_timeout=i.jwks_timeout,
+        jwks_max_age=i.jwks_max_age,
+        ca_file=i.ca_file,
+    )
+
+
 def issuer_configs(config: AuthConfig) -> list[IssuerConfig]:
-    return [
-        IssuerConfig(
-            name=i.name,
-            issuer=i.issuer,
-            audience=i.audience,
-            algorithms=i.algorithms,
-            jwks_url=i.jwks_url,
-            key_files=i.key_files,
-            hs256_secret=_secret(i),
-            leeway=i.leeway,
-            required_claims=i.required_claims,
-            jwks_refresh_interval=i.jwks_refresh_interval,
-            jwks_timeout=i.jwks_timeout,
-        )
-        for i in config.issuers
-    ]
+    return [_issuer_config(i) for i in config.issuers]
 
 
 def build_authenticator(config: AuthConfig, clock: Clock) -> Authenticator:

@@ -23,8 +23,11 @@ from stockade.proxy.jwt_auth import IssuerConfig, JwtVerifier
 
 ISS = "https://idp.example.test/"
 AUD = "stockade-api"
-SECRET = b"s" * 40
-ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
+SECRET = b"s" * 64  # long enough for HS512 (RFC 7518 3.2)
+ASYMMETRIC = (
+    *("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"),
+)
+HMAC = ("HS256", "HS384", "HS512")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -38,13 +41,15 @@ def private_key(kind: str) -> PrivateKey:
         return ec.generate_private_key(ec.SECP256R1())
     if kind.startswith("p384"):
         return ec.generate_private_key(ec.SECP384R1())
+    if kind.startswith("p521"):
+        return ec.generate_private_key(ec.SECP521R1())
     return ed25519.Ed25519PrivateKey.generate()
 
 
 def kind_for(alg: str) -> str:
     if alg.startswith(("RS", "PS")):
         return "rsa"
-    return {"ES256": "p256", "ES384": "p384", "EdDSA": "ed25519"}[alg]
+    return {"ES256": "p256", "ES384": "p384", "ES512": "p521", "EdDSA": "ed25519"}[alg]
 
 
 def public_jwk(kind: str, kid: str, **extra: Any) -> dict[str, Any]:
@@ -88,7 +93,7 @@ def mint(
     kind: str | None = None,
     **overrides: Any,
 ) -> str:
-    key: Any = SECRET if alg == "HS256" else private_key(kind or kind_for(alg))
+    key: Any = SECRET if alg in HMAC else private_key(kind or kind_for(alg))
     headers = {"kid": kid} if kid is not None else None
     return jwt.encode(claims(clock, **overrides), key, algorithm=alg, headers=headers)
 
@@ -111,6 +116,7 @@ class JwksServer:
     """A JWKS endpoint on 127.0.0.1 that counts fetches and can be made to fail."""
 
     keys: list[Any] = field(default_factory=list)  # JWKs, or junk for the tests
+    headers: dict[str, str] = field(default_factory=dict)  # sent with the JWKS (Cache-Control)
     fetches: int = 0
     down: bool = False
     port: int = 0
@@ -124,7 +130,7 @@ class JwksServer:
         self.fetches += 1
         if self.down:
             return web.Response(status=503)
-        return web.json_response({"keys": self.keys})
+        return web.json_response({"keys": self.keys}, headers=self.headers)
 
     async def start(self) -> None:
         app = web.Application()
@@ -144,6 +150,7 @@ def default_jwks() -> list[dict[str, Any]]:
         public_jwk("rsa", "k1"),
         public_jwk("p256", "k1"),
         public_jwk("p384", "k1"),
+        public_jwk("p521", "k1"),
         public_jwk("ed25519", "k1"),
     ]
 
@@ -153,7 +160,7 @@ def inhouse(url: str, **overrides: Any) -> IssuerConfig:
         "name": "inhouse",
         "issuer": ISS,
         "audience": (AUD, "other-api"),
-        "algorithms": (*ASYMMETRIC, "HS256"),
+        "algorithms": (*ASYMMETRIC, *HMAC),
         "jwks_url": url,
         "hs256_secret": SECRET,
         "jwks_refresh_interval": 300.0,
@@ -169,7 +176,10 @@ async def issuer_env(
     down: bool = False,
     **verifier_args: Any,
 ) -> AsyncIterator[tuple[JwtVerifier, JwksServer, FakeClock]]:
-    """A JWKS server and a started verifier; with no configs, the inhouse issuer on it."""
+    """A JWKS server and a started verifier; with no configs, the inhouse issuer on it.
+    The verifier's periodic refresh runs only when the test calls refresh_due() (the fake
+    clock does not move by itself), unless background_refresh=True is passed."""
+    verifier_args.setdefault("background_refresh", False)
     server = JwksServer(keys=default_jwks() if keys is None else keys, down=down)
     await server.start()
     clock = FakeClock()

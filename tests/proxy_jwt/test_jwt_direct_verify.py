@@ -4,6 +4,7 @@ checks, each held to what PyJWT's decode() did (and to RFC 7518 where PyJWT foll
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import random
@@ -19,6 +20,7 @@ from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
 from jwt_issuer import (
     ASYMMETRIC,
     AUD,
+    HMAC,
     ISS,
     SECRET,
     b64,
@@ -519,14 +521,14 @@ def _mutations(token: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("alg", [*ASYMMETRIC, "HS256"])
+@pytest.mark.parametrize("alg", [*ASYMMETRIC, *HMAC])
 def test_mutated_tokens_are_judged_as_pyjwt_judges_them(alg: str) -> None:
     """Differential: each mutation of a valid token is accepted by the verifier iff PyJWT's
     decode() accepts it, and refused for the same kind of reason (malformed/signature)."""
 
     async def scenario() -> None:
         async with issuer_env() as (verifier, _, clock):
-            key: Any = SECRET if alg == "HS256" else private_key(kind_for(alg)).public_key()
+            key: Any = SECRET if alg in HMAC else private_key(kind_for(alg)).public_key()
             token = mint(clock, alg)
             for mutated in _mutations(token):
                 expected = _pyjwt_reason(mutated, key, alg)
@@ -569,11 +571,11 @@ def test_one_parse_per_new_token_and_pyjwt_never_on_the_request_path(
             monkeypatch.setattr(jwt.api_jws.PyJWS, "_load", forbidden)
             monkeypatch.setattr(jwt.api_jws.PyJWS, "decode_complete", forbidden)
             monkeypatch.setattr(jwt.api_jwt.PyJWT, "decode_complete", forbidden)
-            for alg in [*ASYMMETRIC, "HS256"]:
+            for alg in [*ASYMMETRIC, *HMAC]:
                 token = mint(clock, alg)
                 await verifier.verify(token)
                 await verifier.verify(token)  # cached: not parsed again
-            assert len(parses) == len(ASYMMETRIC) + 1
+            assert len(parses) == len(ASYMMETRIC) + len(HMAC)
 
     run(scenario())
 
@@ -587,5 +589,155 @@ def test_oversized_token_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setattr(jwt_auth, "_parse", no_parsing)
             assert await reason(verifier, mint(clock, padding="x" * 2000)) == "too_large"
             assert await reason(verifier, "a." * 50_000) == "too_large"
+
+    run(scenario())
+
+
+# --- JSON: what Python's json takes and a gateway must not -----------------------------
+
+
+def raw_signed(header: str, payload: str) -> str:
+    """A token from JSON text exactly as given, validly signed RS256 with kid k1's key."""
+    signing_input = f"{b64(header.encode())}.{b64(payload.encode())}"
+    sign = rsa_signer(padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64(sign(signing_input.encode()))}"
+
+
+HEADER = '{"alg": "RS256", "kid": "k1"}'
+
+
+@pytest.mark.parametrize(
+    ("header", "exp", "extra", "expected"),
+    [
+        (HEADER, "{soon}", [], None),
+        (HEADER, "{soon}", ['"nbf": 1e3'], None),  # a finite float is a number like any other
+        # NaN compares false with everything: an exp of NaN would never expire
+        (HEADER, "NaN", [], "malformed"),
+        (HEADER, "Infinity", [], "malformed"),
+        (HEADER, "1e400", [], "malformed"),  # inf, as a float
+        (HEADER, "-Infinity", [], "malformed"),
+        (HEADER, "{soon}", ['"nbf": NaN'], "malformed"),
+        (HEADER, "{soon}", ['"nbf": -1e400'], "malformed"),
+        (HEADER, "{soon}", ['"iat": NaN'], "malformed"),
+        (HEADER, "{soon}", ['"x-custom": NaN'], "malformed"),  # anywhere in the claims
+        (HEADER, "{soon}", ['"x-custom": {"deep": [1, 2e999]}'], "malformed"),
+        ('{"alg": "RS256", "kid": "k1", "x": Infinity}', "{soon}", [], "malformed"),
+        # duplicate names: Python's json keeps the last; a gateway must not pick one
+        (HEADER, "1", ['"exp": {soon}'], "malformed"),  # an expired exp, then a good one
+        (HEADER, "{soon}", ['"iss": "https://other.example/"'], "malformed"),
+        (HEADER, "{soon}", ['"x": {"a": 1, "a": 1}'], "malformed"),  # equal, nested: still
+        ('{"alg": "RS256", "kid": "k1", "kid": "k1"}', "{soon}", [], "malformed"),
+        ('{"alg": "HS256", "alg": "RS256", "kid": "k1"}', "{soon}", [], "malformed"),
+        # exp in whole seconds, as PyJWT: now + 0.9 is past at now + 0.5 (leeway 0)
+        (HEADER, "{now}.9", [], "expired"),
+        (HEADER, "{soon}", ['"nbf": {now}.6'], "not_yet_valid"),
+        (HEADER, "{soon}", ['"nbf": {now}.4', '"iat": {now}.5'], None),
+    ],
+)
+def test_non_finite_numbers_and_duplicate_names(
+    header: str, exp: str, extra: list[str], expected: str | None
+) -> None:
+    """Validly signed JSON text, so only the parse and the claim rules decide."""
+
+    async def scenario() -> None:
+        async with issuer_env(inhouse("JWKS", leeway=0.0)) as (verifier, _, clock):
+            clock.advance(0.5)
+            now = int(clock.wall())
+            fields = [f'"iss": "{ISS}"', f'"aud": "{AUD}"', f'"exp": {exp}', *extra]
+            payload = "{" + ", ".join(fields) + "}"
+            payload = payload.replace("{soon}", str(now + 300)).replace("{now}", str(now))
+            token = raw_signed(header, payload)
+            if expected is None:
+                await verifier.verify(token)
+            else:
+                assert await reason(verifier, token) == expected
+
+    run(scenario())
+
+
+# --- PS384, PS512, ES512, HS384, HS512 ----------------------------------------------------
+
+
+def test_es512_is_p521_with_66_byte_r_and_s() -> None:
+    """RFC 7518 3.4: P-521 numbers are 521 bits, sent in 66 bytes each (not 65, not DER)."""
+
+    async def scenario() -> None:
+        async with issuer_env() as (verifier, _, clock):
+            header = {"alg": "ES512", "kid": "k1"}
+            for name, shape in [
+                ("raw r || s", lambda r, s, der: r.to_bytes(66, "big") + s.to_bytes(66, "big")),
+                ("DER", lambda r, s, der: der),
+                ("67 bytes", lambda r, s, der: r.to_bytes(67, "big") + s.to_bytes(67, "big")),
+                ("s padded", lambda r, s, der: r.to_bytes(66, "big") + s.to_bytes(67, "big")),
+            ]:
+
+                def sign(message: bytes, shape: Any = shape) -> bytes:
+                    r, s, der = ecdsa_parts("p521", message, hashes.SHA512())
+                    return bytes(shape(r, s, der))
+
+                token = signed(header, claims(clock, sub=name), sign)
+                if name == "raw r || s":
+                    await verifier.verify(token)
+                else:
+                    assert await reason(verifier, token) == "bad_signature", name
+
+            def sha256_sign(message: bytes) -> bytes:  # P-521 with the wrong hash
+                r, s, _ = ecdsa_parts("p521", message, hashes.SHA256())
+                return r.to_bytes(66, "big") + s.to_bytes(66, "big")
+
+            token = signed(header, claims(clock, sub="sha256"), sha256_sign)
+            assert await reason(verifier, token) == "bad_signature"
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(("alg", "hash_"), [("PS384", hashes.SHA384()), ("PS512", hashes.SHA512())])
+def test_pss_needs_mgf1_with_its_hash_and_a_salt_of_the_hash_size(
+    alg: str, hash_: hashes.HashAlgorithm
+) -> None:
+    async def scenario() -> None:
+        async with issuer_env() as (verifier, _, clock):
+            header = {"alg": alg, "kid": "k1"}
+            size = hash_.digest_size
+            good = rsa_signer(pss(size, hash_), hash_)
+            await verifier.verify(signed(header, claims(clock), good))
+            for name, sign in [
+                ("32-byte salt", rsa_signer(pss(32, hash_), hash_)),
+                ("MGF1 with SHA-256", rsa_signer(pss(size, hashes.SHA256()), hash_)),
+                ("PKCS#1 v1.5", rsa_signer(padding.PKCS1v15(), hash_)),
+                ("PS256 signature", rsa_signer(pss(32), hashes.SHA256())),
+            ]:
+                token = signed(header, claims(clock, sub=name), sign)
+                assert await reason(verifier, token) == "bad_signature", name
+
+    run(scenario())
+
+
+def test_hmac_algorithms_use_their_own_hash_and_the_one_secret() -> None:
+    async def scenario() -> None:
+        async with issuer_env() as (verifier, _, clock):
+            payload = claims(clock)
+            for alg in HMAC:
+                await verifier.verify(jwt.encode({**payload, "sub": alg}, SECRET, algorithm=alg))
+                other = jwt.encode(payload, b"t" * 64, algorithm=alg)
+                assert await reason(verifier, other) == "bad_signature", alg
+            # an HS256 MAC labelled HS384/HS512, and the reverse
+            for label, mac in (("HS384", "HS256"), ("HS512", "HS384"), ("HS256", "HS512")):
+                head = b64(json.dumps({"alg": label}).encode())
+                body = b64(json.dumps(payload).encode())
+                digest = hmac.digest(SECRET, f"{head}.{body}".encode(), mac.replace("HS", "sha"))
+                assert await reason(verifier, f"{head}.{body}.{b64(digest)}") == "bad_signature"
+
+    run(scenario())
+
+
+def test_an_es512_token_never_uses_a_key_of_another_curve() -> None:
+    async def scenario() -> None:
+        keys = [public_jwk("p256", "a"), public_jwk("p384", "b"), public_jwk("p521", "c")]
+        async with issuer_env(keys=keys) as (verifier, _, clock):
+            await verifier.verify(mint(clock, "ES512", kid="c"))
+            for kid in ("a", "b"):
+                assert await reason(verifier, mint(clock, "ES512", kid=kid)) == "unknown_kid"
+            assert await reason(verifier, mint(clock, "ES256", kid="c")) == "unknown_kid"
 
     run(scenario())

@@ -17,6 +17,7 @@ import pytest
 from jwt_issuer import (
     ASYMMETRIC,
     AUD,
+    HMAC,
     ISS,
     SECRET,
     b64,
@@ -58,7 +59,7 @@ def count_signature_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("alg", [*ASYMMETRIC, "HS256"])
+@pytest.mark.parametrize("alg", [*ASYMMETRIC, *HMAC])
 def test_valid_token_for_each_algorithm(alg: str) -> None:
     async def scenario() -> None:
         async with issuer_env() as (verifier, _, clock):
@@ -589,14 +590,26 @@ def test_missing_key_file_names_the_file(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         ({"audience": ()}, "audience"),
-        ({"algorithms": ("HS512",)}, "not supported"),
+        ({"algorithms": ("HS1024",)}, "not supported"),
+        ({"algorithms": ("ES256K",)}, "not supported"),
         ({"algorithms": ("none",)}, "not supported"),
         ({"algorithms": ()}, "empty"),
-        ({"algorithms": ("HS256",), "hs256_secret": None}, "no hs256_secret"),
-        ({"algorithms": ("RS256",), "hs256_secret": SECRET}, "HS256 is not allowed"),
-        ({"hs256_secret": b"short"}, "at least 32 bytes"),
+        ({"algorithms": ("HS256",), "hs256_secret": None}, "no hmac_secret"),
+        ({"algorithms": ("HS384",), "hs256_secret": None}, "no hmac_secret"),
+        ({"algorithms": ("RS256",), "hs256_secret": SECRET}, "no HS. algorithm is allowed"),
+        ({"algorithms": ("HS256",), "hs256_secret": b"short"}, "at least 32 bytes"),
+        ({"algorithms": ("HS256",), "hs256_secret": None, "hmac_secret": b"x" * 31}, "32 bytes"),
+        ({"hs256_secret": b"x" * 63}, "at least 64 bytes"),
+        # one secret for all the HS* allowed: as long as the largest hash (RFC 7518 3.2)
+        ({"algorithms": ("HS256", "HS384"), "hs256_secret": b"x" * 47}, "at least 48 bytes"),
+        ({"algorithms": ("HS512",), "hs256_secret": b"x" * 63}, "at least 64 bytes"),
+        ({"hmac_secret": SECRET}, "not both"),
         ({"hs256_secret": public_pem("rsa")}, "PEM"),
-        ({"jwks_url": None}, "need a jwks_url or key_files"),
+        ({"jwks_url": None, "issuer": "inhouse"}, "need a jwks_url, key_files, or an http"),
+        ({"jwks_url": None, "issuer": "https://idp.test/?tenant=1"}, "OpenID discovery"),
+        ({"jwks_url": "ftp://idp.test/jwks"}, "http"),
+        ({"jwks_max_age": 299.0}, "at least jwks_refresh_interval"),
+        ({"jwks_max_age": 0.0, "jwks_refresh_interval": 0.0}, "must be positive"),
     ],
 )
 def test_config_validation(overrides: dict[str, Any], message: str) -> None:

@@ -69,7 +69,10 @@ def test_a_jwt_route_parses() -> None:
         ({"auth__issuers__idp__algorithms": ["HS256"]}, "HS256 needs a secret file"),
         ({"auth__issuers__idp__audience": []}, "audience: required"),
         ({"auth__issuers__idp__jwks_url": "ftp://x"}, "must be an http(s) URL"),
-        ({"auth__issuers__idp__jwks_url": None}, "give jwks_url or key_files"),
+        (
+            {"auth__issuers__idp__jwks_url": None, "auth__issuers__idp__issuer": "idp"},
+            "give jwks_url or key_files",
+        ),  # an http(s) issuer URL alone is OpenID discovery (tests/proxy_jwt)
         ({"routes__0__forward_claims": {"sub": "Host"}}, "'Host' cannot be set"),
         ({"routes__0__forward_claims": {"sub": "X-Request-ID"}}, "cannot be set"),
         ({"routes__0__auth": "none"}, "scopes and claims need auth"),
