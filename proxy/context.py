@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from stockade.proxy.settings import Route
 
 if TYPE_CHECKING:
+    from stockade.proxy.limits import BodyPace
     from stockade.proxy.ratelimit import Tightest
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -19,6 +20,21 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Decisions, one per request, as logged and counted.
 ALLOWED = "allowed"
 UPSTREAM_ERROR = "upstream_error"
+CLIENT_ABORT = "client_abort"  # the client closed its connection; logged with status 499
+CLIENT_ABORT_STATUS = 499  # nginx's "client closed request": never sent, only logged
+
+# When a client aborted (the reason logged with CLIENT_ABORT).
+DURING_REQUEST_BODY = "during_request_body"  # its body was not complete yet
+BEFORE_RESPONSE = "before_response"  # the request was whole; no response head sent yet
+DURING_RESPONSE = "during_response"  # the response was being sent
+
+
+class ClientAborted(Exception):
+    """The client went away mid-request: its doing, never counted against an upstream."""
+
+    def __init__(self, phase: str, message: str = "client closed the connection") -> None:
+        super().__init__(message)
+        self.phase = phase
 
 
 @dataclass(slots=True)
@@ -30,7 +46,8 @@ class RequestContext:
     scheme: str
     started: float = field(default_factory=time.monotonic)
     path: str = ""  # the one normalized path every stage and the upstream see
-    host: str = ""  # the Host header without its port (as the client sent it), for the log
+    host: str = ""  # the routed host: lowercase, without port or trailing dot
+    authority: str = ""  # host[:port] as sent (Host, or an absolute-form target's): upstream Host
     route: Route | None = None
     decision: str = ALLOWED
     reason: str = ""
@@ -43,9 +60,11 @@ class RequestContext:
     plan: str | None = None
     auth_headers: list[tuple[str, str]] = field(default_factory=list)  # set upstream
     api_key_id: str | None = None
+    scopes: frozenset[str] | None = None  # a verified JWT's scopes; None: no JWT verified
     response_headers: list[tuple[str, str]] = field(default_factory=list)  # set on the answer
     tightest: Tightest | None = None  # the rate limit closest to refusing
     body_read: bytes = b""  # what a stage (the WAF) read of the body: forwarded first
+    body: BodyPace | None = None  # the request body's progress; None: no body
 
 
 class RequestIds:

@@ -35,7 +35,7 @@ from aiohttp.web_request import BaseRequest
 
 from stockade.clock import SystemClock
 from stockade.proxy.app import Gateway
-from stockade.proxy.context import ALLOWED, RequestContext
+from stockade.proxy.context import ALLOWED, CLIENT_ABORT, UPSTREAM_ERROR, RequestContext
 from stockade.proxy.errors import Refusal
 from stockade.proxy.pipeline import checks
 from stockade.proxy.settings import ProxyConfig
@@ -212,6 +212,11 @@ class Replayer:
         return outcome
 
 
+# Decisions recorded for requests that every check let through (what happened after is the
+# upstream's or the client's doing, not the policy's).
+_PASSED_POLICY = frozenset({ALLOWED, UPSTREAM_ERROR, CLIENT_ABORT})
+
+
 def _was(record: Recorded) -> str:
     return "allowed" if record.decision == ALLOWED else f"{record.decision}:{record.reason}"
 
@@ -234,9 +239,10 @@ async def _replay(config: ProxyConfig, records: Iterable[Recorded | None]) -> Re
         outcome = await replayer.outcome(record)
         was = _was(record)
         now = "allowed" if outcome.decision == ALLOWED else f"{outcome.decision}:{outcome.reason}"
-        # a recorded upstream error or an allowed request that the new config also lets
-        # through are the same policy outcome: only policy changes are reported
-        recorded_policy = "allowed" if record.decision in (ALLOWED, "upstream_error") else was
+        # a recorded upstream error, a client that hung up after the checks, or an allowed
+        # request that the new config also lets through are the same policy outcome: only
+        # policy changes are reported
+        recorded_policy = "allowed" if record.decision in _PASSED_POLICY else was
         if now != recorded_policy:
             report.by_change[f"{recorded_policy} -> {now}"] += 1
             report.changed.append(

@@ -15,11 +15,24 @@ processes do without a shared table.
   takes the fewest in-flight requests per unit of weight, and breaks ties with the same
   smooth round robin among the tied servers (nginx's least_conn), so an idle pool still
   follows the weights.
+- Connection limits: a server takes at most `pool.maxconn` requests at once (per
+  worker); a request that finds every server in rotation full waits in the pool's
+  queue (HAProxy's maxconn and `timeout queue`), first come first served, and takes
+  the first slot that frees on a server it may use. At most `pool.max_queue` wait, each
+  for at most `pool.queue_timeout`; past either it is refused (NoSlot), which no
+  server is blamed for. A queue whose pool has no server left in rotation is emptied
+  at once (no_healthy_server), not left to time out.
+- Only a server's own failures count against it: a request that ends because the
+  client left or broke a limit finishes with ok=None, which changes no count.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import sys
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -53,13 +66,34 @@ class ServerState:
         return self.server.address
 
 
+class NoSlot(Exception):
+    """No server had a free slot in time: `reason` is queue_full or queue_timeout."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A request in the queue: resolved with its server (begun), or None (no server left)."""
+
+    future: asyncio.Future[ServerState | None]
+    exclude: Collection[str]
+
+
 class PoolState:
-    """The balancer and the passive checks of one pool, driven by the forwarder."""
+    """The balancer, the passive checks and the queue of one pool, driven by the forwarder."""
 
     def __init__(self, pool: Pool, clock: Clock) -> None:
         self.pool = pool
         self.clock = clock
         self.servers = [ServerState(server) for server in pool.servers]
+        self.cap = pool.maxconn or sys.maxsize  # requests in flight per server
+        self.queue: deque[_Waiter] = deque()  # oldest on the left
+        self.queued = 0  # requests that had to wait for a slot
+        self.queue_full = 0  # refused: max_queue were waiting already
+        self.queue_timeouts = 0  # refused: no slot within queue_timeout
 
     @property
     def name(self) -> str:
@@ -69,10 +103,17 @@ class PoolState:
         return self.clock.monotonic_ns() / 1e9
 
     def pick(self, exclude: Collection[str] = ()) -> ServerState | None:
-        """The server for the next request, or None when no server is usable."""
+        """The server for the next request, or None when no server is usable.
+
+        Usable: in rotation, not excluded, and below maxconn. When None, a
+        request may still wait for a slot (wait_for_server).
+        """
         now = self.now()
+        cap = self.cap
         candidates = [
-            s for s in self.servers if self._in_rotation(s, now) and s.address not in exclude
+            s
+            for s in self.servers
+            if self._in_rotation(s, now) and s.outstanding < cap and s.address not in exclude
         ]
         if not candidates:
             return None
@@ -86,9 +127,59 @@ class PoolState:
         server.outstanding += 1
         server.requests += 1
 
-    def finish(self, server: ServerState, *, ok: bool) -> None:
-        """A request ended; ok=False for a connection error, a timeout or a 5xx."""
+    async def wait_for_server(self, exclude: Collection[str] = ()) -> ServerState | None:
+        """When pick() found no free slot, or others are queued: a server, begun.
+
+        None when no server in rotation is left to wait for; raises NoSlot
+        when the queue is full or no slot frees within queue_timeout.
+        """
+        self._serve_queue()  # those already waiting go first
+        server = self.pick(exclude)
+        if server is not None:
+            self.begin(server)
+            return server
+        now = self.now()
+        if not any(self._in_rotation(s, now) and s.address not in exclude for s in self.servers):
+            return None
+        if len(self.queue) >= self.pool.max_queue:
+            self.queue_full += 1
+            raise NoSlot("queue_full")
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude)
+        self.queue.append(waiter)
+        self.queued += 1
+        try:
+            async with asyncio.timeout(self.pool.queue_timeout):
+                return await waiter.future
+        except TimeoutError:
+            served = self._served(waiter)
+            if served is not None:  # a slot came with the timer: take it
+                return served
+            self.queue_timeouts += 1
+            raise NoSlot("queue_timeout") from None
+        except BaseException:  # cancelled (the client left): a slot handed over goes on
+            served = self._served(waiter)
+            if served is not None:
+                self.finish(served, ok=None)
+            raise
+        finally:
+            with contextlib.suppress(ValueError):  # not there: served, or dropped
+                self.queue.remove(waiter)
+
+    def finish(self, server: ServerState, *, ok: bool | None) -> None:
+        """A request ended and its slot frees (for the oldest request waiting, if any).
+
+        ok=False: the server failed it (a connection error, a timeout, a 5xx);
+        True: it answered; None: the outcome says nothing about the server
+        (the client left, or its body broke a limit), so no count changes.
+        """
         server.outstanding = max(0, server.outstanding - 1)
+        if ok is not None:
+            self._judge(server, ok)
+        if self.queue:
+            self._serve_queue()
+
+    def _judge(self, server: ServerState, ok: bool) -> None:
+        """The passive checks' part of finish()."""
         if ok:
             server.consecutive_failures = 0
             return
@@ -115,6 +206,41 @@ class PoolState:
         if healthy and not server.healthy:
             server.recovered_at = self.now()
         server.healthy = healthy
+        if self.queue:
+            self._serve_queue()  # new room, or none left to wait for
+
+    @staticmethod
+    def _served(waiter: _Waiter) -> ServerState | None:
+        future = waiter.future
+        if future.done() and not future.cancelled():
+            return future.result()
+        return None
+
+    def _serve_queue(self) -> None:
+        """Give free slots to waiting requests, oldest first; drop them all if no server
+        is in rotation any more (each answers no_healthy_server at once)."""
+        queue = self.queue
+        now = self.now()
+        rotation = [s for s in self.servers if self._in_rotation(s, now)]
+        if not rotation:
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_result(None)
+            return
+        cap = self.cap
+        skipped: list[_Waiter] = []
+        while queue and any(s.outstanding < cap for s in rotation):
+            waiter = queue.popleft()
+            if waiter.future.done():
+                continue  # cancelled: its request is gone
+            server = self.pick(waiter.exclude)
+            if server is None:
+                skipped.append(waiter)  # the free slots are on servers it excludes
+                continue
+            self.begin(server)
+            waiter.future.set_result(server)
+        queue.extendleft(reversed(skipped))
 
     def effective_weight(self, server: ServerState, now: float | None = None) -> float:
         """The weight, ramped from 10% to 100% during slow start."""

@@ -11,6 +11,7 @@ from collections.abc import Awaitable
 from aiohttp.web_request import BaseRequest
 
 from stockade.proxy.context import RequestContext
+from stockade.proxy.limits import BODY_PACE
 from stockade.proxy.pipeline_types import Stage
 from stockade.proxy.waf.firewall import Waf
 
@@ -21,6 +22,9 @@ def waf_stage(waf: Waf) -> Stage:
         assert route is not None, "the path stage runs first"
         if route.waf.mode == "off" or waf.passes_fast(request, route):
             return None  # no coroutine for routes without a WAF, nor for a fast pass
+        if ctx.body is not None:
+            # read_body gets only the request: the body's pace rides on it
+            request[BODY_PACE] = ctx.body
         return waf.inspect(request, ctx, route)
 
     return stage

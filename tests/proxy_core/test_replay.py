@@ -137,3 +137,32 @@ pool = "api"
         timeout=60,
     )
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_a_recorded_client_abort_or_upstream_error_is_not_a_policy_change(
+    tmp_path: Path,
+) -> None:
+    """Both passed every check: the same config replays them as allowed, not as changes."""
+    config, _ = record(tmp_path)
+    lines = [
+        json.dumps(
+            {
+                "time": 1_800_000_000 + i,
+                "client_ip": "198.18.0.10",
+                "method": "POST",
+                "host": "api.test",
+                "path": "/api/upload",
+                "status": status,
+                "decision": decision,
+                "reason": reason,
+            }
+        )
+        for i, (status, decision, reason) in enumerate(
+            [
+                (499, "client_abort", "during_request_body"),
+                (502, "upstream_error", "upstream_failed"),
+            ]
+        )
+    ]
+    report = asyncio.run(replay(config, read_log(lines)))
+    assert (report.total, report.changed) == (2, [])
