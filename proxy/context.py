@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stockade.proxy.settings import Route
 
@@ -65,6 +65,7 @@ class RequestContext:
     tightest: Tightest | None = None  # the rate limit closest to refusing
     body_read: bytes = b""  # what a stage (the WAF) read of the body: forwarded first
     body: BodyPace | None = None  # the request body's progress; None: no body
+    waf_record: dict[str, Any] | None = None  # the WAF's matches, for the access log
 
 
 class RequestIds:
