@@ -11,11 +11,17 @@ adds them around aiohttp's server:
   any other malformed head         llhttp                        400, close
   head not complete in time        GuardedRequestHandler         408, close
   no byte at all in header_timeout GuardedRequestHandler         close
+  TLS handshake not done in
+    header_timeout                 TlsServer (proxy/tls.py)      close
   over max_connections             GuardedRequestHandler         503, close
+    (TLS: before the handshake)    TlsServer                     close
   keep-alive idle                  aiohttp (keepalive_timeout)   close
   body over max_body_size          content_length_too_large,     413
                                    bounded_body
   body idle over body_idle_timeout bounded_body                  408
+  whole body over body_timeout,
+    or under body_min_rate         bounded_body (BodyPace)       408
+  client gone mid-body             bounded_body                  499 (logged only)
   chunked framing breaks mid-body  GuardedRequestHandler,        400, close
                                    bounded_body
 
@@ -30,7 +36,9 @@ left to aiohttp's keep-alive timer: a packet that ends one request's body and
 also starts the next head, followed by silence, looks like an idle keep-alive
 connection, and is closed after keepalive_timeout (aiohttp closes a connection
 that is waiting for a request head after that long, whatever it has received).
-TLS handshakes are bounded by the listener's ssl_handshake_timeout, not here.
+On an HTTPS listener the clock starts at accept, before the TLS handshake
+(TlsServer in proxy/tls.py): handshake and first head together get
+header_timeout, and a connection counts against max_connections from accept.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -50,6 +60,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from stockade.proxy.context import DURING_REQUEST_BODY, ClientAborted
 from stockade.proxy.errors import error_response
 from stockade.proxy.settings import ProxyConfig
 from stockade.proxy.tls import HANDSHAKES
@@ -72,6 +83,7 @@ class LimitCounters:
     connections_refused: int = 0  # over max_connections: 503 and closed
     header_timeouts: int = 0  # part of a head, not all of it, in header_timeout: 408
     idle_connections_closed: int = 0  # connected and sent nothing in header_timeout
+    handshake_timeouts: int = 0  # TLS handshake not done in header_timeout: closed
     url_too_long: int = 0  # 414 from the parser
     headers_too_large: int = 0  # 431: a header line too long, or too many headers
     bad_requests: int = 0  # any other head the parser refused: 400
@@ -110,6 +122,10 @@ def handler_kwargs(config: ProxyConfig) -> dict[str, object]:
         # Request bodies pass through as sent: decoding them would forward a body
         # that no longer matches its Content-Encoding, and unzip bombs in memory.
         "auto_decompress": False,
+        # A client that hangs up cancels its handler, so the upstream request it
+        # was waiting for is dropped (its connection closed) instead of holding
+        # a connection until the upstream answers (nginx and HAProxy do the same).
+        "handler_cancellation": True,
     }
 
 
@@ -150,60 +166,111 @@ class GuardedServer(web.Server):
         self.max_connections = config.max_connections
         self.counters = WORKER_COUNTERS if counters is None else counters
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> GuardedRequestHandler:
         # No fallback on a TypeError, unlike aiohttp's: bad handler kwargs are a bug.
         return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class GuardedRequestHandler(RequestHandler):
-    """One client connection: connection cap, head timeout, statuses for parser errors."""
+    """One client connection: connection cap, head timeout, statuses for parser errors.
 
-    __slots__ = ("_counted", "_got_bytes", "_guard", "_head_timer", "_last_payload")
+    Made when the connection is accepted. A plain connection takes its slot in
+    connection_made; an HTTPS one at accept, before its handshake (TlsServer in
+    proxy/tls.py), so handshakes under way count against max_connections and
+    the handshake and the first request head share one header_timeout.
+    """
+
+    __slots__ = (
+        "_accepted",
+        "_connected",
+        "_counted",
+        "_got_bytes",
+        "_guard",
+        "_head_timer",
+        "_last_payload",
+    )
 
     def __init__(
         self, manager: GuardedServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._guard = manager
+        self._accepted = loop.time()  # header_timeout runs from here
         self._counted = False  # holds one of max_connections
+        self._connected = False  # connection_made ran: connection_lost gives the slot back
         self._got_bytes = False
         self._head_timer: asyncio.TimerHandle | None = None
         # The body of the latest request the parser began: while it is still
         # arriving, received bytes are body, not the next head.
         self._last_payload: StreamReader | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def take_slot(self, peer: str | None) -> bool:
+        """One of max_connections for this connection; False (counted) over the cap or
+        from a source the anomaly rules deny. The caller closes a refused connection."""
+        return self._admit(peer) is None
+
+    def _admit(self, peer: str | None) -> str | None:
         guard = self._guard
         counters = guard.counters
+        refusal = None
+        if counters.connections_active >= guard.max_connections:
+            counters.connections_refused += 1
+            refusal = "busy"
+        elif guard.on_connection is not None and peer and not guard.on_connection(peer):
+            refusal = "denied"  # a source denied or banned by a rule (counted by the rules)
+        if refusal is not None:
+            self._force_close = True  # RequestHandler.data_received drops anything
+            return refusal
+        counters.connections_active += 1
+        self._counted = True
+        return None
+
+    def header_deadline(self) -> float:
+        """The loop time by which the first request head (after any handshake) must be in."""
+        return self._accepted + self._guard.header_timeout
+
+    def handshake_failed(self, timed_out: bool) -> None:
+        """TlsServer: the handshake failed or timed out, and the socket is closed."""
+        if self._connected:
+            return  # it completed after all: connection_lost gives the slot back
+        if timed_out:
+            self._guard.counters.handshake_timeouts += 1
+        self._release()
+
+    def _release(self) -> None:
+        # Every way out of an admitted connection ends here, and counts once.
+        if self._counted:
+            self._counted = False
+            self._guard.counters.connections_active -= 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tls = transport.get_extra_info("ssl_object")
         if tls is not None:
             HANDSHAKES.completed(tls)
-        if counters.connections_active >= guard.max_connections:
-            counters.connections_refused += 1
-            self._force_close = True  # RequestHandler.data_received drops anything
-            cast(asyncio.Transport, transport).write(
-                _raw_response(503, "Service Unavailable", "too_many_connections", "server busy")
-            )
-            transport.close()
-            return
-        if guard.on_connection is not None:
+        if not self._counted:  # a plain connection; an HTTPS one took its slot at accept
             peer = transport.get_extra_info("peername")
-            if peer and not guard.on_connection(peer[0]):
-                self._force_close = True
-                transport.close()  # a source denied or banned by a rule
+            refusal = self._admit(peer[0] if peer else None)
+            if refusal is not None:
+                if refusal == "busy":
+                    cast(asyncio.Transport, transport).write(
+                        _raw_response(
+                            503, "Service Unavailable", "too_many_connections", "server busy"
+                        )
+                    )
+                transport.close()
                 return
-        counters.connections_active += 1
-        self._counted = True
+        self._connected = True
         super().connection_made(transport)
-        self._arm_head_timer()  # the first head is timed from connect
+        # The first head is timed from accept, so that a handshake's time counts too.
+        self._arm_head_timer(self.header_deadline() - self._loop.time())
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
         self._last_payload = None
-        if not self._counted:
+        if not self._connected:
             return  # refused in connection_made: aiohttp never knew of it
-        self._counted = False
-        self._guard.counters.connections_active -= 1
+        self._connected = False
+        self._release()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -266,10 +333,11 @@ class GuardedRequestHandler(RequestHandler):
         response.force_close()
         return response
 
-    def _arm_head_timer(self) -> None:
+    def _arm_head_timer(self, delay: float | None = None) -> None:
         if self._head_timer is None:
             self._head_timer = self._loop.call_later(
-                self._guard.header_timeout, self._head_timed_out
+                self._guard.header_timeout if delay is None else max(delay, 0.0),
+                self._head_timed_out,
             )
 
     def _cancel_head_timer(self) -> None:
@@ -360,33 +428,151 @@ class BodyMalformed(BodyError):
     reason = "bad_body"
 
 
+class BodyTooSlow(BodyTimeout):
+    """The whole body broke body_timeout or body_min_rate (a trickle that is never idle)."""
+
+    status = 408
+    reason = "body_too_slow"
+
+
+class BodyAborted(ClientAborted):
+    """The client closed the connection before its body was complete.
+
+    Not a BodyError: no limit was broken and nobody is left to answer, so the
+    stages that turn BodyErrors into refusals let it pass up to the context stage.
+    """
+
+    def __init__(self, message: str = "client closed the connection mid-body") -> None:
+        super().__init__(DURING_REQUEST_BODY, message)
+
+
+# What a server sends when it wants the body a client holds back with Expect: 100-continue.
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class BodyBounds:
+    """Bounds on a whole request body ([proxy] body_timeout, body_min_rate, body_rate_grace)."""
+
+    total: float = 0.0  # seconds spent waiting for the body; 0: unbounded
+    min_rate: int = 0  # bytes/s once past `grace`; 0: unbounded
+    grace: float = 0.0
+
+    @classmethod
+    def of(cls, config: ProxyConfig) -> BodyBounds:
+        return cls(config.body_timeout, config.body_min_rate, config.body_rate_grace)
+
+    @property
+    def active(self) -> bool:
+        return self.total > 0 or self.min_rate > 0
+
+
+class BodyPace:
+    """One request body's progress, shared by all that read it (the WAF, then the forwarder).
+
+    Only the time spent waiting for the client's bytes counts against the
+    bounds: the gateway's own waits between reads (auth, a queue, a connect)
+    are not the client's. After `grace` seconds of waiting, each `min_rate`
+    bytes received buys one more second (mod_reqtimeout's MinRate), so a
+    body at 1 byte/s is cut at about `grace` however long it is.
+
+    continue_to: the client's transport while its `Expect: 100-continue` is
+    unanswered; the first read sends `100 Continue` there, once.
+    """
+
+    __slots__ = ("bounds", "complete", "continue_to", "received", "waited")
+
+    def __init__(self, bounds: BodyBounds, continue_to: asyncio.Transport | None = None) -> None:
+        self.bounds = bounds
+        self.continue_to = continue_to
+        self.waited = 0.0
+        self.received = 0
+        self.complete = False  # the end of the body was read
+
+    @property
+    def continue_pending(self) -> bool:
+        """The client waits for 100 Continue and has not had it: nothing was read yet."""
+        return self.continue_to is not None
+
+    def start(self) -> None:
+        """Before a read: answer an Expect: 100-continue, once."""
+        transport = self.continue_to
+        if transport is not None:
+            self.continue_to = None
+            if not transport.is_closing():
+                transport.write(CONTINUE)
+
+    def time_left(self) -> float:
+        """Seconds the client may still keep the gateway waiting for the rest of its body."""
+        bounds = self.bounds
+        left = bounds.total - self.waited if bounds.total > 0 else math.inf
+        if bounds.min_rate > 0:
+            left = min(left, bounds.grace + self.received / bounds.min_rate - self.waited)
+        return left
+
+
 def content_length_too_large(request: BaseRequest, max_size: int) -> bool:
     """True when the declared Content-Length is over max_size: refuse before reading."""
     declared = request.content_length
     return declared is not None and declared > max_size
 
 
+# The pace on the request itself, for readers that get only the request (the WAF's
+# read_body); set by the WAF stage just before it reads.
+BODY_PACE = web.RequestKey("body_pace", BodyPace)
+
+
 async def bounded_body(
-    stream: StreamReader, max_size: int, idle_timeout: float
+    stream: StreamReader, max_size: int, idle_timeout: float, pace: BodyPace | None = None
 ) -> AsyncIterator[bytes]:
     """The body in chunks of at most 64 KiB.
 
     Raises BodyTooLarge before yielding the chunk that would pass max_size (so
     nothing past the limit is passed on), BodyTimeout when no data arrives for
-    idle_timeout seconds, BodyMalformed when the chunked framing breaks.
+    idle_timeout seconds, BodyTooSlow when the whole body breaks the pace's
+    bounds, BodyMalformed when the chunked framing breaks, BodyAborted when
+    the client closes the connection. With a pace, the first read answers an
+    Expect: 100-continue. The per-read timer is the only timer: the whole-body
+    bounds only shorten it.
     """
+    timed = False
+    if pace is not None:
+        pace.start()
+        timed = pace.bounds.active
     total = 0
+    began = 0.0
     while True:
+        timeout, too_slow = idle_timeout, False
+        if timed:
+            assert pace is not None
+            left = pace.time_left()
+            if left <= 0:
+                raise BodyTooSlow("request body too slow")
+            if left < timeout:
+                timeout, too_slow = left, True
+            began = time.monotonic()
         try:
-            async with asyncio.timeout(idle_timeout):
+            async with asyncio.timeout(timeout):
                 chunk = await stream.read(CHUNK)
         except TimeoutError:
+            if too_slow:
+                raise BodyTooSlow("request body too slow") from None
             raise BodyTimeout(f"no body data for {idle_timeout}s") from None
         except RequestPayloadError as exc:
             raise BodyMalformed(str(exc)) from exc
+        except OSError as exc:  # aiohttp fails the body with the connection's loss
+            raise BodyAborted() from exc
+        finally:
+            if timed:
+                assert pace is not None
+                pace.waited += time.monotonic() - began
         if not chunk:
+            if pace is not None:
+                pace.complete = True
             return
         total += len(chunk)
         if total > max_size:
             raise BodyTooLarge(f"body over {max_size} bytes")
+        if pace is not None:
+            pace.received += len(chunk)
         yield chunk

@@ -15,14 +15,19 @@ outage.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import socket
 import ssl
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol, cast
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -36,6 +41,9 @@ log = logging.getLogger("stockade.proxy")
 # exchange). TLS 1.3 suites are all AEAD and are left at OpenSSL's defaults.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 ALPN_PROTOCOLS = ("http/1.1",)
+HANDSHAKE_BACKSTOP = 1.0  # asyncio's own handshake timer fires this long after TlsServer's
+ACCEPTS_PER_WAKEUP = 128  # then other work gets the loop (asyncio accepts up to its backlog)
+ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 Clock = Callable[[], datetime]
 
@@ -243,3 +251,160 @@ class ServerTls:
         names = {n: item.certificate.cert for n, item in table.exact.items()}
         names.update({f"*.{n}": item.certificate.cert for n, item in table.wildcard.items()})
         return names
+
+
+class GuardedConnection(Protocol):
+    """The HTTP side of one HTTPS connection, as TlsServer drives it (GuardedRequestHandler)."""
+
+    def take_slot(self, peer: str | None) -> bool: ...
+    def header_deadline(self) -> float: ...
+    def handshake_failed(self, timed_out: bool) -> None: ...
+
+
+class TlsServer(asyncio.AbstractServer):
+    """Accepts HTTPS connections on a listening socket: admitted first, then a bounded handshake.
+
+    asyncio's own TLS server makes the HTTP protocol at accept but tells it
+    nothing until the handshake is done, and nothing at all when it fails;
+    so a client that connects and stays silent holds a socket for asyncio's
+    60 s handshake timeout, counted nowhere. Here each accepted socket first
+    takes one of max_connections (or is closed at once: over the cap, or a
+    denied source), then shakes hands through connect_accepted_socket until
+    the connection's header deadline. The handshake's end is certain: the
+    HTTP protocol gets connection_made, or the slot is given back through
+    handshake_failed (failure, timeout, client gone, worker stopping).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        connections: Callable[[], GuardedConnection],
+        context: ssl.SSLContext,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._connections = connections
+        self._context = context
+        self._serving = False
+        self._handshakes: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
+        self._retry: asyncio.TimerHandle | None = None
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,) if self._serving else ()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        if not self._serving and self._sock.fileno() >= 0:
+            self._sock.setblocking(False)
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+            self._serving = True
+
+    async def serve_forever(self) -> None:
+        await self.start_serving()
+        await asyncio.Event().wait()
+
+    def close(self) -> None:
+        """Stop accepting (handshakes under way go on, bounded by their deadline)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._serving:
+            self._loop.remove_reader(self._sock.fileno())
+            self._serving = False
+        self._sock.close()  # as asyncio's Server does: the master keeps its own copy
+
+    async def wait_closed(self) -> None:
+        pass
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, address = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as exc:
+                if exc.errno not in ACCEPT_PAUSE_ERRNOS:
+                    log.error("accept on %s failed: %s", self._address(), exc)
+                    continue
+                # Out of descriptors or memory: stop accepting for a moment rather than
+                # spin on a listening socket that stays readable (as asyncio does).
+                log.error("accept on %s failed: %s; retrying in 1s", self._address(), exc)
+                self._loop.remove_reader(self._sock.fileno())
+                self._retry = self._loop.call_later(1.0, self._resume)
+                return
+            conn.setblocking(False)
+            connection = self._connections()
+            peer = address[0] if isinstance(address, tuple) else None
+            if not connection.take_slot(peer):
+                conn.close()  # over max_connections or a denied source (counted): no TLS
+                continue
+            task = self._loop.create_task(self._handshake(conn, connection))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._serving:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _address(self) -> str:
+        try:
+            return str(self._sock.getsockname()[:2])
+        except OSError:
+            return "a closed socket"
+
+    async def _handshake(self, conn: socket.socket, connection: GuardedConnection) -> None:
+        loop = self._loop
+        deadline = connection.header_deadline()
+        done = timed_out = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                await loop.connect_accepted_socket(
+                    lambda: cast(asyncio.BaseProtocol, connection),
+                    conn,
+                    ssl=self._context,
+                    # asyncio's own timer: a backstop that never fires before ours
+                    ssl_handshake_timeout=max(deadline - loop.time(), 0.0) + HANDSHAKE_BACKSTOP,
+                )
+            done = True
+        except TimeoutError:
+            timed_out = True
+        except OSError:  # ssl.SSLError included: a failed handshake, or the client left
+            pass
+        except Exception:
+            log.exception("TLS handshake with a client failed unexpectedly")
+        finally:
+            # The transport closed itself (and the socket) on failure; only the slot is left.
+            if not done:
+                connection.handshake_failed(timed_out)
+
+
+class TlsSite(web.SockSite):
+    """An HTTPS listener's socket, served by a TlsServer."""
+
+    __slots__ = ("_connections",)
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        connections: Callable[[], GuardedConnection],
+        context: ssl.SSLContext,
+    ) -> None:
+        super().__init__(runner, sock, ssl_context=context)
+        self._connections = connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        assert self._ssl_context is not None
+        server = TlsServer(self._sock, self._connections, self._ssl_context)
+        await server.start_serving()
+        self._server = server

@@ -2,10 +2,17 @@
 
 The master binds one SO_REUSEPORT socket per worker and listener (as root, so
 low ports work), then forks the workers; each worker drops privileges and
-serves its own sockets. A worker that dies is replaced on the same sockets,
-so connections queued on them are not lost. SIGTERM drains: workers stop
-accepting, finish in-flight requests (up to drain_timeout) and exit. SIGHUP
-is passed on (workers reload their TLS certificates).
+serves its own sockets. Before that, a checker tries, as the workers' user,
+everything a worker will open (proxy/preflight.py): a worker that could not
+start stops the proxy with one line instead of crashing again and again.
+A worker that dies is replaced on the same sockets, so connections queued on
+them are not lost; one that dies before it serves is restarted with a
+growing back-off, and when START_ATTEMPTS in a row fail while no worker
+serves, the master closes the sockets (clients are refused, not left
+hanging) and exits 1 with the worker's last error. SIGTERM drains: workers
+stop accepting, finish in-flight requests (up to drain_timeout) and exit; the
+master acts on it within a second whatever it is doing, back-off included.
+SIGHUP reloads the config.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import grp
 import logging
 import os
 import platform
@@ -21,7 +27,9 @@ import pwd
 import signal
 import socket
 import sqlite3
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -38,9 +46,16 @@ from stockade.proxy.app import Gateway
 from stockade.proxy.auth_setup import AuthSetupError, api_key_entries, issuer_configs
 from stockade.proxy.cluster_counters import cluster_scoped
 from stockade.proxy.context import reset_request_ids
-from stockade.proxy.limits import GuardedAppRunner, LimitCounters, handler_kwargs
+from stockade.proxy.limits import GuardedAppRunner, GuardedServer, LimitCounters, handler_kwargs
 from stockade.proxy.metrics import check_writable, enable_multiprocess, record_build_info
 from stockade.proxy.parser_check import require_c_parser
+from stockade.proxy.preflight import (
+    CheckInterrupted,
+    check_as_worker,
+    drop_privileges,
+    worker_ids,
+)
+from stockade.proxy.preflight import ProxyStartupError as ProxyStartupError  # re-exported
 from stockade.proxy.rate_maps import RateMap, RateMapError
 from stockade.proxy.redirect import redirect_app
 from stockade.proxy.settings import Listener, ProxyConfig
@@ -54,30 +69,35 @@ from stockade.proxy.status import (
     write_atomically,
 )
 from stockade.proxy.status_page import status_pages
-from stockade.proxy.tls import ServerTls, TlsConfigError
+from stockade.proxy.tls import ServerTls, TlsConfigError, TlsSite
 from stockade.proxy.waf.firewall import WafLoadError, check_waf
 from stockade.redis_conn import check_credentials
 
 log = logging.getLogger("stockade.proxy")
 
+RESTART_BACKOFF_FIRST = 0.1  # doubled for each worker death in a row soon after its start
 RESTART_BACKOFF_MAX = 5.0
+START_ATTEMPTS = 5  # a worker that dies before serving this often in a row, none serving: stop
 EXIT_CANNOT_START = 3  # a worker that cannot start stops the proxy instead of looping
+LISTEN_BACKLOG = 1024
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 DRAIN_GRACE = 5.0  # keep-alive clients get this long to send their next request
 STOP_GRACE = 5.0  # on top of drain_timeout before a worker is killed
-
-
-class ProxyStartupError(RuntimeError):
-    pass
 
 
 @dataclass
 class WorkerSlot:
     index: int
     sockets: list[tuple[Listener, socket.socket]]
-    pid: int = 0
+    pid: int = 0  # 0: no worker (not started yet, or waiting for its restart)
     started: float = 0.0
-    failures: int = 0
+    failures: int = 0  # deaths in a row soon after starting: the back-off grows
+    report: int = -1  # the master's end of the worker's report pipe ("ready", "error ...")
+    ready: bool = False  # the worker said it serves
+    start_failures: int = 0  # workers in a row that died before they served
+    last_error: str = ""  # the last error line a worker of this slot reported
+    restart_at: float | None = None
 
 
 def bind(listener: Listener) -> socket.socket:
@@ -89,30 +109,12 @@ def bind(listener: Listener) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((listener.address, listener.port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise ProxyStartupError(f"cannot listen on {listener.name}: {exc.strerror}") from None
     return sock
-
-
-def drop_privileges(user: str | None, group: str | None) -> None:
-    if user is None or os.geteuid() != 0:
-        return
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise ProxyStartupError(f"proxy.user {user!r} does not exist") from None
-    gid = entry.pw_gid
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ProxyStartupError(f"proxy.group {group!r} does not exist") from None
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(entry.pw_uid)
 
 
 def _table_sizes(config: ProxyConfig) -> tuple[object, ...]:
@@ -146,11 +148,25 @@ def load_tls(config: ProxyConfig) -> dict[Listener, ServerTls]:
     return tls
 
 
+def listener_site(
+    runner: web.BaseRunner, sock: socket.socket, context: ssl.SSLContext | None
+) -> web.SockSite:
+    """The site serving one listener's socket: HTTPS through TlsServer (proxy/tls.py),
+    so that handshakes are timed and counted from accept."""
+    if context is None:
+        return web.SockSite(runner, sock, backlog=LISTEN_BACKLOG)
+    server = runner.server
+    if not isinstance(server, GuardedServer):  # its handlers are what TlsServer drives
+        raise TypeError("an HTTPS listener needs a GuardedServer")
+    return TlsSite(runner, sock, server, context)
+
+
 async def _serve(
     config: ProxyConfig,
     index: int,
     sockets: list[tuple[Listener, socket.socket]],
     shared: SharedState,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     """One worker: every listener's socket, one pipeline, until SIGTERM."""
     tls = load_tls(config)
@@ -205,15 +221,11 @@ async def _serve(
                     server, handle_signals=False, shutdown_timeout=config.drain_timeout
                 )
             await runner.setup()
-            site = web.SockSite(
-                runner,
-                sock,
-                ssl_context=tls[listener].context if listener in tls else None,
-                shutdown_timeout=config.drain_timeout,
-            )
+            site = listener_site(runner, sock, tls[listener].context if listener in tls else None)
             await site.start()
             runners.append(runner)
             sites.append(site)
+        on_ready()
         await stop.wait()
         await _wind_down(sites, gateway, counters, config)
     finally:
@@ -254,7 +266,13 @@ def _loop_runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def _worker_main(config: ProxyConfig, slot: WorkerSlot, shared: SharedState) -> None:
+def _report(fd: int, line: str) -> None:
+    """One line to the master over the report pipe ("ready", or "error <message>")."""
+    with contextlib.suppress(OSError):
+        os.write(fd, (" ".join(line.split()) + "\n").encode("utf-8", "replace"))
+
+
+def _worker_main(config: ProxyConfig, slot: WorkerSlot, shared: SharedState, report: int) -> None:
     """The child after fork: never returns."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
     for sig in MASTER_SIGNALS:
@@ -266,12 +284,16 @@ def _worker_main(config: ProxyConfig, slot: WorkerSlot, shared: SharedState) -> 
         if config.admin.enabled:
             check_writable(config.metrics_dir)
         with _loop_runner() as runner:
-            runner.run(_serve(config, slot.index, slot.sockets, shared))
+            runner.run(
+                _serve(config, slot.index, slot.sockets, shared, lambda: _report(report, "ready"))
+            )
     except ProxyStartupError as exc:
         log.error("worker %d: %s", slot.index, exc)
+        _report(report, f"error {exc}")
         code = EXIT_CANNOT_START
-    except Exception:
+    except Exception as exc:
         log.exception("worker %d crashed", slot.index)
+        _report(report, f"error {type(exc).__name__}: {exc}")
         code = 1
     logging.shutdown()
     os._exit(code)
@@ -297,6 +319,16 @@ def validate(config: ProxyConfig) -> None:
             raise ProxyStartupError(error)
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGINT arrived during a start or reload check."""
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with {code}"
+
+
 class Master:
     def __init__(self, config: Config) -> None:
         self.path = config.path
@@ -306,6 +338,7 @@ class Master:
         self.generation = 0
         self.slots: list[WorkerSlot] = []
         self.stopping = False
+        self.exit_code = 0
         self.shared: SharedState | None = None
         self.admin: AdminServer | None = None
 
@@ -316,27 +349,22 @@ class Master:
             raise ProxyStartupError("no listeners in [[proxy.listeners]]; nothing to serve")
         if not self.config.routes:
             log.warning("no [[proxy.routes]]: every request will get 404")
-        validate(self.config)
-        self.config.status_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.config.status_dir / MASTER_FILE, {"pid": os.getpid()})
-        clear(self.config.status_dir)
-        if self.config.admin.enabled:  # else metrics stay in each worker's memory
-            enable_multiprocess(self.config.metrics_dir)  # before any metric exists
-            record_build_info(__version__, platform.python_version())
-        if self.config.user is not None:
-            # workers write their status and metric files after dropping
-            # privileges; a missing user is reported by the worker that tries
-            # to become it
-            with contextlib.suppress(KeyError):
-                entry = pwd.getpwnam(self.config.user)
-                os.chown(self.config.status_dir, entry.pw_uid, entry.pw_gid)
-                if self.config.admin.enabled:
-                    os.chown(self.config.metrics_dir, entry.pw_uid, entry.pw_gid)
-        self._start_admin()
+        worker_ids(self.config.user, self.config.group)  # they exist, before anything is made
+        try:
+            self._prepare_directories()
+        except OSError as exc:
+            raise ProxyStartupError(f"cannot prepare {exc.filename}: {exc.strerror}") from None
         try:  # before forking: every worker must map the same tables
             self.shared = SharedState.create(self.config)
         except (OSError, sqlite3.Error) as exc:
             raise ProxyStartupError(f"cannot prepare the quota database: {exc}") from None
+        try:  # what the master made above, and every file the config names, as the workers
+            self._check_as_worker(self.config)
+        except _Stopped:
+            log.info("stopped before starting")
+            self.stopping = True
+            return
+        self._start_admin()
         count = self.config.worker_count
         for index in range(count):
             sockets = [(listener, bind(listener)) for listener in self.config.listeners]
@@ -345,6 +373,34 @@ class Master:
             self._spawn(slot)
         names = ", ".join(listener.name for listener in self.config.listeners)
         log.info("proxy serving %s with %d workers", names, count)
+
+    def _prepare_directories(self) -> None:
+        self.config.status_dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.config.status_dir / MASTER_FILE, {"pid": os.getpid()})
+        clear(self.config.status_dir)
+        if self.config.admin.enabled:  # else metrics stay in each worker's memory
+            enable_multiprocess(self.config.metrics_dir)  # before any metric exists
+            record_build_info(__version__, platform.python_version())
+        if self.config.user is not None:
+            # workers write their status and metric files after dropping
+            # privileges; a missing user is reported by the start check
+            with contextlib.suppress(KeyError):
+                entry = pwd.getpwnam(self.config.user)
+                os.chown(self.config.status_dir, entry.pw_uid, entry.pw_gid)
+                if self.config.admin.enabled:
+                    os.chown(self.config.metrics_dir, entry.pw_uid, entry.pw_gid)
+
+    def _check_as_worker(self, config: ProxyConfig) -> None:
+        """validate() and every file a worker opens, as the workers' user (proxy/preflight.py);
+        _Stopped when SIGTERM or SIGINT arrives meanwhile."""
+        try:
+            check_as_worker(config, validate, self._stop_requested)
+        except CheckInterrupted:
+            raise _Stopped() from None
+
+    @staticmethod
+    def _stop_requested() -> bool:
+        return signal.sigtimedwait(STOP_SIGNALS, 0) is not None
 
     def _start_admin(self) -> None:
         admin = self.config.admin
@@ -365,26 +421,75 @@ class Master:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         assert self.shared is not None
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _worker_main(self.config, slot, self.shared)
-        slot.pid, slot.started = pid, time.monotonic()
+            os.close(read_end)
+            _worker_main(self.config, slot, self.shared, write_end)
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        self._close_report(slot)
+        slot.pid, slot.started, slot.report = pid, time.monotonic(), read_end
+        slot.ready, slot.restart_at = False, None
 
     def run(self) -> int:
-        """Supervise until SIGTERM/SIGINT; returns the exit code.
+        """Supervise until SIGTERM/SIGINT (or until workers cannot start); the exit code.
 
         Signals are blocked and taken synchronously with sigtimedwait, so a
-        signal never interrupts the master half-way through a restart.
+        signal never interrupts the master half-way through a restart. Nothing
+        here sleeps: a worker's restart is due at a time, and the wait for the
+        next signal ends then, so SIGTERM is taken at once even in a back-off.
         """
         while not self.stopping:
-            info = signal.sigtimedwait(MASTER_SIGNALS, 1.0)
-            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+            info = signal.sigtimedwait(MASTER_SIGNALS, self._wait_time())
+            if info is not None and info.si_signo in STOP_SIGNALS:
                 self.stopping = True
                 break
             if info is not None and info.si_signo == signal.SIGHUP:
                 self._on_hup()
+            self._read_reports()
             self._reap_all()
+            self._restart_due()
         return self._drain()
+
+    def _wait_time(self) -> float:
+        due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+        if not due:
+            return 1.0
+        return min(1.0, max(0.01, min(due) - time.monotonic()))
+
+    def _read_reports(self) -> None:
+        for slot in self.slots:
+            self._read_report(slot)
+
+    def _read_report(self, slot: WorkerSlot) -> None:
+        """What the slot's worker said: "ready" once it serves, "error ..." when it fails."""
+        if slot.report < 0:
+            return
+        data = b""
+        while True:
+            try:
+                chunk = os.read(slot.report, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:  # the worker is gone
+                self._close_report(slot)
+                break
+            data += chunk
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line == "ready":
+                slot.ready, slot.start_failures = True, 0
+            elif line.startswith("error "):
+                slot.last_error = line.removeprefix("error ")
+
+    @staticmethod
+    def _close_report(slot: WorkerSlot) -> None:
+        if slot.report >= 0:
+            os.close(slot.report)
+            slot.report = -1
+
+    def _serving(self) -> bool:
+        return any(slot.pid > 0 and slot.ready for slot in self.slots)
 
     def _reap_all(self) -> None:
         while True:
@@ -402,19 +507,48 @@ class Master:
         mark_process_dead(pid, str(self.config.metrics_dir))  # type: ignore[no-untyped-call]
         if slot is None or self.stopping:
             return
+        self._read_report(slot)  # to the end: the pipe holds what it wrote before dying
+        self._close_report(slot)
+        slot.pid = 0
         code = os.waitstatus_to_exitcode(status)
+        error = slot.last_error or f"the worker {_describe_exit(code)}"
         if code == EXIT_CANNOT_START:
-            log.error("worker %d cannot start; stopping the proxy", slot.index)
-            self.stopping = True
+            self._give_up(f"worker {slot.index} cannot start: {error}")
             return
+        if not slot.ready:
+            slot.start_failures += 1
+            if slot.start_failures >= START_ATTEMPTS and not self._serving():
+                self._give_up(
+                    f"no worker could start ({slot.start_failures} attempts in a row); "
+                    f"the last one: {error}"
+                )
+                return
         # Back off when a worker keeps dying young, so a crash loop cannot spin.
         slot.failures = slot.failures + 1 if time.monotonic() - slot.started < 10 else 1
-        delay = min(RESTART_BACKOFF_MAX, 0.1 * 2 ** (slot.failures - 1))
+        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** (slot.failures - 1))
         log.warning(
-            "worker %d (pid %d) exited with %d; restarting in %.1fs", slot.index, pid, code, delay
+            "worker %d (pid %d) %s; restarting in %.1fs",
+            slot.index,
+            pid,
+            _describe_exit(code),
+            delay,
         )
-        time.sleep(delay)
-        self._spawn(slot)
+        slot.restart_at = time.monotonic() + delay
+
+    def _give_up(self, message: str) -> None:
+        """Workers cannot start: refuse clients at once (close the sockets), then exit 1."""
+        log.error("%s; stopping the proxy", message)
+        for slot in self.slots:
+            for _, sock in slot.sockets:
+                sock.close()
+        self.exit_code = 1
+        self.stopping = True
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid == 0 and slot.restart_at is not None and now >= slot.restart_at:
+                self._spawn(slot)
 
     def _on_hup(self) -> None:
         """Reload: a new set of workers with the new config, then the old ones drain.
@@ -436,6 +570,9 @@ class Master:
             log.error("reload refused, the running config stays: %s", exc)
             self._reload_status(False, str(exc))
             return
+        except _Stopped:
+            self.stopping = True  # SIGTERM while the new config was checked
+            return
         if _table_sizes(new) != _table_sizes(self.config):
             log.warning("reload: table sizes changed; rate-limit and anomaly counters start over")
             self.shared = SharedState.create(new)
@@ -445,6 +582,9 @@ class Master:
             self._spawn(slot)
         kept = {id(sock) for slot in self.slots for _, sock in slot.sockets}
         for slot in old_slots:
+            self._close_report(slot)
+            if slot.pid <= 0:
+                continue  # it was waiting for a restart
             self.retiring.add(slot.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(slot.pid, signal.SIGTERM)  # it drains, then exits
@@ -467,7 +607,7 @@ class Master:
         new = dataclasses.replace(new, **{key: getattr(self.config, key) for key in fixed})
         if not new.listeners:
             raise ProxyStartupError("no listeners in [[proxy.listeners]]; nothing to serve")
-        validate(new)
+        self._check_as_worker(new)
         return new
 
     def _new_slots(self, new: ProxyConfig) -> list[WorkerSlot]:
@@ -499,11 +639,12 @@ class Master:
             )
 
     def _drain(self) -> int:
-        for slot in self.slots:
+        # pid 0 is no worker (os.kill(0, ...) would signal the whole process group)
+        alive = {slot.pid for slot in self.slots if slot.pid > 0} | self.retiring
+        for pid in alive:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(slot.pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.drain_timeout + STOP_GRACE
-        alive = {slot.pid for slot in self.slots} | self.retiring
         while alive and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -518,6 +659,7 @@ class Master:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for slot in self.slots:
+            self._close_report(slot)
             for _, sock in slot.sockets:
                 sock.close()
         if self.admin is not None:
@@ -526,7 +668,7 @@ class Master:
             with contextlib.suppress(FileNotFoundError):
                 (self.config.status_dir / name).unlink()
         log.info("proxy stopped")
-        return 0
+        return self.exit_code
 
 
 def run(config: Config) -> int:
