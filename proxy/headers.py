@@ -1,13 +1,36 @@
-"""Request and response headers across the proxy: hop-by-hop out, forwarding in."""
+"""Request and response headers across the proxy: hop-by-hop out, forwarding in.
+
+Two sets are computed from the whole config, once:
+
+- `single_valued_headers`: the headers the gateway decides on. A request
+  with more than one field line of any of them is refused (400) by the
+  first stage, so the upstream, which may read the last value, never sees
+  one the gateway did not check. They are Host, Content-Length,
+  Authorization and the API-key header always; the header of every
+  `header:NAME` rate limit; User-Agent when an anomaly rule matches
+  User-Agents; Content-Type and Content-Encoding when a route has a WAF.
+  X-Forwarded-For is a list by design (RFC 9110 5.3): its lines are joined
+  in order (`forwarded_for`) and believed only from trusted proxies. Cookie
+  is not decided on by name and X-Request-ID only names the request in the
+  log; both pass as sent.
+- `gateway_headers`: the identity headers the gateway writes upstream (the
+  consumer header, every route's forward_claims headers). A client's copy
+  is removed on every route, also on routes that never set them, so an
+  upstream that trusts them only ever reads the gateway's.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from stockade.targets import Network
+
+if TYPE_CHECKING:
+    from stockade.proxy.settings import ProxyConfig
 
 # RFC 9110 7.6.1 and the usual extras: these describe one connection, not
 # the message, and never cross the proxy.
@@ -39,6 +62,34 @@ def end_to_end_pairs(pairs: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
         if name.lower() == "connection":
             drop.update(t.strip().lower() for t in value.split(",") if t.strip())
     return CIMultiDict((k, v) for k, v in pairs if k.lower() not in drop)
+
+
+def single_valued_headers(config: ProxyConfig) -> frozenset[bytes]:
+    """The lowercase names of the headers the gateway decides on (see above)."""
+    names = {"host", "content-length", "authorization", config.auth.api_key_header.lower()}
+    names.update(rule.field.lower() for rule in config.rate_limiting.limits if rule.key == "header")
+    if any(rule.user_agents for rule in config.anomaly.rules):
+        names.add("user-agent")
+    if any(route.waf.mode != "off" for route in config.routes):
+        names.update(("content-type", "content-encoding"))
+    return frozenset(name.encode("ascii") for name in names)
+
+
+def gateway_headers(config: ProxyConfig) -> frozenset[str]:
+    """The lowercase names of the identity headers the gateway writes upstream."""
+    names = {config.auth.consumer_header.lower()}
+    for route in config.routes:
+        names.update(header.lower() for _, header in route.auth.forward_claims)
+        names.update(header.lower() for header in route.auth.headers_set)
+    return frozenset(names)
+
+
+def forwarded_for(headers: CIMultiDictProxy[str]) -> str | None:
+    """Every X-Forwarded-For line joined in order (RFC 9110 5.3), or None."""
+    lines = headers.getall("X-Forwarded-For", ())
+    if not lines:
+        return None
+    return lines[0] if len(lines) == 1 else ", ".join(lines)
 
 
 def is_trusted(ip: str, trusted: Sequence[Network]) -> bool:
@@ -82,7 +133,10 @@ def forwarding_headers(
     chain = f"{incoming_xff}, {peer}" if incoming_xff and peer_trusted else peer
     headers["X-Forwarded-For"] = chain
     headers["X-Forwarded-Proto"] = scheme
-    headers["X-Forwarded-Host"] = host
+    if host:
+        headers["X-Forwarded-Host"] = host
+    else:  # an HTTP/1.0 request without Host: nothing to vouch for
+        headers.popall("X-Forwarded-Host", None)
     node = f'"[{peer}]"' if ":" in peer else peer
     headers["Forwarded"] = f"for={node};proto={scheme}"
     headers["X-Request-ID"] = request_id

@@ -1,6 +1,7 @@
 """The order of the request stages, in one place.
 
-    context -> framing -> path + route -> source penalties + bot User-Agents
+    context -> framing + single-valued headers -> Host, path + route
+        -> source penalties + bot User-Agents
         -> rate limits by IP/header/query -> body limit -> auth
         -> consumer penalties -> consumer and plan limits, quotas -> [WAF] -> forward
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from stockade.proxy.headers import single_valued_headers
 from stockade.proxy.pipeline_types import Stage
 from stockade.proxy.routing import Router
 from stockade.proxy.settings import ProxyConfig
@@ -42,7 +44,7 @@ class PolicyStages:
 
 def checks(config: ProxyConfig, policy: PolicyStages) -> list[Stage]:
     stages: list[Stage | None] = [
-        framing_stage,
+        framing_stage(single_valued_headers(config)),
         path_stage(Router(config.routes), config.max_url_length),
         policy.ip_penalties,
         policy.pre_auth_limits,

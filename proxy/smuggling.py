@@ -29,6 +29,10 @@ Duplicate Content-Length headers are refused even when the values agree
 "chunked" is matched case-insensitively, as transfer-coding names are
 (RFC 9112 7); leading and trailing whitespace was already removed by llhttp.
 
+A second field line of a header in `single_valued` (the headers the gateway
+decides on, proxy/headers.py) is "duplicate_header", reported only when the
+framing is otherwise sound, in the same pass over the header lines.
+
 A request with a body on GET (or any method) is not a framing problem.
 After refusing, close the connection (response.force_close()): the bytes that
 follow a badly framed request are not to be read as the next one.
@@ -36,36 +40,47 @@ follow a badly framed request are not to be read as the next one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 
 _CONTENT_LENGTH = b"content-length"
 _TRANSFER_ENCODING = b"transfer-encoding"
 _MAX_CONTENT_LENGTH = (1 << 63) - 1
 _SUPPORTED_VERSIONS = ((1, 0), (1, 1))
 _FIELD_WHITESPACE = b" \t"
+_BAD_NAME = re.compile(rb"[ \t\r\n:\x00]")
 
 
 def framing_problem(
-    raw_headers: Sequence[tuple[bytes, bytes]], *, version: tuple[int, int] = (1, 1)
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    *,
+    version: tuple[int, int] = (1, 1),
+    single_valued: Collection[bytes] = frozenset(),
 ) -> str | None:
     """A reason code when the request's body framing is ambiguous or invalid, else None.
 
     Pass `version=request.version` so that Transfer-Encoding on HTTP/1.0 and
-    unknown versions are refused too.
+    unknown versions are refused too, and the lowercase names of the headers
+    that may appear only once as `single_valued`.
     """
     if tuple(version) not in _SUPPORTED_VERSIONS:
         return "unsupported_http_version"
     content_lengths: list[bytes] = []
     codings: list[bytes] = []
     te_headers = 0
+    seen: set[bytes] = set()
+    duplicate = False
     for name, value in raw_headers:
         if b"\r" in value or b"\n" in value:
             return "obs_fold"  # a folded or split line left in a value
         if b"\0" in value:
             return "bad_header_value"
-        if not name or any(c in name for c in b" \t\r\n:\0"):
+        if not name or _BAD_NAME.search(name):
             return "bad_header_name"
         lname = name.lower()
+        if lname in single_valued:
+            duplicate = duplicate or lname in seen
+            seen.add(lname)
         if lname == _CONTENT_LENGTH:
             content_lengths.append(value)
         elif lname == _TRANSFER_ENCODING:
@@ -90,4 +105,4 @@ def framing_problem(
         # non-ASCII digits; 19 digits is the longest that can fit 2^63 - 1.
         if not value.isdigit() or len(value) > 19 or int(value) > _MAX_CONTENT_LENGTH:
             return "bad_content_length"
-    return None
+    return "duplicate_header" if duplicate else None

@@ -139,6 +139,7 @@ class Authenticator:
         except JwtError as exc:
             raise _challenge(401, exc.reason, "invalid_token", exc.description) from None
         _authorize(policy, claims)
+        ctx.scopes = frozenset(_scopes(claims))  # zero trust checks operations' scopes
         sub = claims.get("sub")
         ctx.consumer = _header_value(sub) if sub is not None else None
         plan = claims.get(self.plan_claim)
