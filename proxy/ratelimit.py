@@ -130,7 +130,13 @@ class RateLimiter:
         if rule.key == "header":
             value = request.headers.get(rule.field)
         elif rule.key == "query":
-            value = request.query.get(rule.field)
+            values = request.query.getall(rule.field, ())
+            if len(values) > 1:
+                # the limit would count one value while the upstream may read another
+                raise Refusal(
+                    400, "ratelimit", "repeated_key_parameter", f"query parameter {rule.field} repeated"
+                )
+            value = values[0] if values else None
         elif rule.key == "consumer":
             value = ctx.consumer
         else:

@@ -206,3 +206,32 @@ def test_plans_and_quotas_follow_the_api_key(tmp_path: Path) -> None:
             await up.stop()
 
     run(scenario())
+
+
+def test_a_repeated_query_key_is_refused_not_counted_as_one_of_its_values(
+    tmp_path: Path,
+) -> None:
+    """`?key=a&key=b`: the limit would count "a" while the upstream may read "b"."""
+
+    async def scenario() -> None:
+        up = Upstream("a")
+        await up.start()
+        try:
+            rule = LimitRule("per_key", parse_rate("2/min"), "query", "key")
+            config = limited(config_for([up], tmp_path / "log"), rule)
+            async with gateway(config) as (url, _gw), aiohttp.ClientSession() as s:
+                for target in ("/x?key=a&key=b", "/x?key=a&k%65y=b", "/x?key=&key=b"):
+                    async with s.get(url + target) as r:
+                        assert r.status == 400, target
+                        assert (await r.json())["error"] == "repeated_key_parameter"
+                # one value per request still counts as before
+                statuses = []
+                for value in ("b", "b", "b"):
+                    async with s.get(f"{url}/x?key={value}") as r:
+                        statuses.append(r.status)
+                assert statuses == [200, 200, 429]
+            assert all("key=a" not in seen["path"] for seen in up.seen)
+        finally:
+            await up.stop()
+
+    run(scenario())
