@@ -2,7 +2,8 @@
 
 Never the Authorization header, cookies or the query string: only what an
 operator needs to follow a request (and what `stockade replay` replays:
-time, client, method, host, path, consumer, status, decision). Lines are block-buffered and flushed
+time, client, method, host, path, consumer, status, decision, and what the WAF
+found: `waf`, see proxy/waf/findings.py). Lines are block-buffered and flushed
 every second (and at exit), so logging costs no system call per request.
 
 Fields are named as in the JSON application logs (stockade/logs.py): `time`
@@ -36,6 +37,7 @@ def _json_name(name: str) -> str:
 
 # Hosts and consumers come from clients: a bounded cache of their JSON form.
 _json_text = functools.lru_cache(maxsize=4096)(json.dumps)
+_compact = functools.partial(json.dumps, separators=(",", ":"))
 
 
 class AccessLog:
@@ -62,6 +64,8 @@ class AccessLog:
         up_time = "null" if ctx.upstream_time is None else f"{ctx.upstream_time:.6f}"
         reason = f'"{ctx.reason}"' if ctx.reason else "null"
         consumer = _json_text(ctx.consumer) if ctx.consumer is not None else "null"
+        # only on a request the WAF flagged: rule ids, variable names, points (no values)
+        waf = "" if ctx.waf_record is None else ',"waf":' + _compact(ctx.waf_record)
         self._out.write(
             f'{{"time":"{rfc3339(time.time())}",{self._head},"request_id":"{ctx.request_id}",'
             f'"client_ip":"{ctx.client_ip}","method":"{method}","host":{_json_text(ctx.host)},'
@@ -69,7 +73,7 @@ class AccessLog:
             f'"route":{route_json},"status":{ctx.status},"bytes_in":{ctx.bytes_in},'
             f'"bytes_out":{ctx.bytes_out},"upstream":{upstream},"upstream_time":{up_time},'
             f'"total_time":{time.monotonic() - ctx.started:.6f},"decision":"{ctx.decision}",'
-            f'"reason":{reason}}}\n'
+            f'"reason":{reason}{waf}}}\n'
         )
 
     def flush(self) -> None:
