@@ -1,5 +1,6 @@
 """The WAF's cost: microseconds per request per mode, memory over a million
-transactions, and the gateway's requests/s with each mode next to `off`.
+transactions, the gateway's requests/s with each mode next to `off`, and what
+each mode refuses of a benign API corpus and of an attack corpus.
 
 1. Per request, in this process: the evaluation a WAF mode runs for one
    request (proxy/waf/firewall.py: Waf.evaluate for sqli_xss and crs, a
@@ -8,21 +9,30 @@ transactions, and the gateway's requests/s with each mode next to `off`.
    attacking (SQLi, XSS, LFI, SQLi in a JSON body). sqli_xss is timed as
    the WAF stage runs it (the fast pass, with nothing remembered between
    requests, then the engine for what it does not pass) and as
-   sqli_xss_engine, every request through a transaction. Each round times every
-   mode and mix in a shuffled order; microseconds per request = the time of
-   `iterations` passes over the mix / (iterations x 4).
+   sqli_xss_engine, every request through a transaction. crs is the Core
+   Rule Set as it is (waf_profile = "none"), crs_api with the API profile
+   (proxy/waf/api_profile.py). Each round times every mode and mix in a
+   shuffled order; microseconds per request = the time of `iterations`
+   passes over the mix / (iterations x 4).
 2. Memory: `transactions` sqli_xss transactions through the binding, half of
    them blocked (their intervention strings freed), resident memory (VmRSS)
    recorded every 100,000.
 3. The gateway: the set-up of bench/l7.py (everything on 127.0.0.1, HAProxy
    as the upstream) with one `stockade proxy run` of N workers and a route
-   per mode: /off/, /sqli_xss/, /crs/, /zero_trust/ (whose OpenAPI document
-   declares the request). wrk sends clean GETs with a query string and
+   per mode: /off/, /sqli_xss/, /crs/, /crs_api/, /zero_trust/ (whose
+   OpenAPI document declares the request). wrk sends clean GETs with a query string and
    browser-like headers to each route, once per round in a shuffled order,
    with a different query value on every request (bench/wrk_lines.lua; so
    no cache holds it); sqli_xss_engine is the sqli_xss route with a query
    value that is not plain ASCII (caf%C3%A9), which the fast pass leaves to
    the engine. Requests/s and the proxy's CPU per request as in case 3.
+4. False positives and detection: tests/waf/corpus's benign API requests
+   and attacks (provenance in its README.md), each evaluated once per mode
+   in this process as the WAF stage would: off, sqli_xss (the fast pass,
+   then the engine), crs at paranoia level 1, crs PL1 with the API profile
+   (GraphQL requests on a route with waf_graphql_fields = ["query"]), and
+   crs PL2. A request is refused when the evaluation's verdict is not a
+   pass; the time is the wall-clock microseconds per benign request.
 
 Run: .venv/bin/python -m bench.waf [--rounds N] [--duration S] [--transactions N]
      .venv/bin/python -m bench.waf --leak-only   # part 2 alone, the full million
@@ -52,7 +62,7 @@ from stockade.proxy.waf.firewall import PASS, EngineInput, Verdict, Waf, headers
 from stockade.proxy.waf.modsec import Engine
 from stockade.proxy.waf.openapi import RequestFacts
 from stockade.proxy.waf.rulesets import RuleSets
-from stockade.proxy.waf_settings import RouteWaf, WafConfig
+from stockade.proxy.waf_settings import CrsConfig, RouteWaf, WafConfig
 
 HOST = l7.HOST
 API_HOST = "api.example.com"
@@ -60,7 +70,16 @@ ROUNDS = 7
 DURATION_S = 4
 WARMUP_S = 2
 # passes over the mix per round
-ITERATIONS = {"sqli_xss": 400, "sqli_xss_engine": 400, "crs": 40, "zero_trust": 40}
+ITERATIONS = {
+    "sqli_xss": 400,
+    "sqli_xss_engine": 400,
+    "crs": 40,
+    "crs_api": 40,
+    "zero_trust": 40,
+}
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "waf" / "corpus"
+# What the accuracy part compares: (name, paranoia level, the WAF route per corpus route)
+ACCURACY_MODES = ("off", "sqli_xss", "crs_pl1", "crs_pl1_api", "crs_pl2")
 TRANSACTIONS = 1_000_000
 CHECKPOINT = 100_000
 COMMAND = ".venv/bin/python -m bench.waf"
@@ -124,7 +143,8 @@ OPENAPI = {
 
 
 def stockade_config(workers: int, port: int, upstream_port: int, state: Path, openapi: Path) -> str:
-    """A route per mode on the one upstream: /off/ (every other path), /sqli_xss/, ..."""
+    """A route per mode on the one upstream: /off/ (every other path), /sqli_xss/, ...;
+    /crs/ is the Core Rule Set as it is, /crs_api/ with the API profile."""
     routes = [gateways.Route(name="off")] + [
         gateways.Route(
             name=mode,
@@ -133,10 +153,17 @@ def stockade_config(workers: int, port: int, upstream_port: int, state: Path, op
             openapi=openapi if mode == "zero_trust" else None,
         )
         for mode in WAF_MODES
+        if mode != "crs"
     ]
-    return gateways.stockade_toml(
+    toml = gateways.stockade_toml(
         workers=workers, port=port, upstream_port=upstream_port, state=state, routes=routes
     )
+    for name, profile in (("crs", "none"), ("crs_api", "api")):
+        toml += (
+            f'\n[[proxy.routes]]\nname = "{name}"\npool = "upstream"\n'
+            f'path_prefix = "/{name}/"\nwaf = "crs"\nwaf_profile = "{profile}"\n'
+        )
+    return toml
 
 
 def _request(
@@ -170,16 +197,22 @@ MIXES: dict[str, list[tuple[str, str, bytes, tuple[tuple[str, str], ...]]]] = {
 }
 
 
-def _waf(tmp: Path) -> Waf:
+def _waf(tmp: Path, paranoia: int = 1) -> Waf:
+    """A WAF with a route per mode, named for it (crs_graphql: crs_api for GraphQL)."""
     document = tmp / "openapi.json"
     document.write_text(json.dumps(OPENAPI))
     pool = Pool("p", (Server("127.0.0.1", 9),))
     routes = (
         Route("sqli_xss", "p", path_prefix="/a/", waf=RouteWaf("sqli_xss")),
-        Route("crs", "p", path_prefix="/b/", waf=RouteWaf("crs")),
+        Route("crs", "p", path_prefix="/b/", waf=RouteWaf("crs", profile="none")),
+        Route("crs_api", "p", path_prefix="/d/", waf=RouteWaf("crs")),
+        Route(
+            "crs_graphql", "p", path_prefix="/e/", waf=RouteWaf("crs", graphql_fields=("query",))
+        ),
         Route("zero_trust", "p", path_prefix="/c/", waf=RouteWaf("zero_trust", openapi=document)),
     )
-    return Waf(ProxyConfig(routes=routes, pools=(pool,)))
+    waf = WafConfig(crs=CrsConfig(paranoia_level=paranoia))
+    return Waf(ProxyConfig(routes=routes, pools=(pool,), waf=waf))
 
 
 def _staged(
@@ -201,10 +234,7 @@ def _jobs(waf: Waf, mode: str, mix: str) -> list[Callable[[], Verdict]]:
     for method, target, body, headers in MIXES[mix]:
         if mode == "zero_trust":
             path, _, query = target.partition("?")
-            pairs = tuple((k, v) for k, _, v in (p.partition("=") for p in query.split("&") if p))
-            facts = RequestFacts(
-                "http", API_HOST, path, method, pairs, headers, (), "application/json"
-            )
+            facts = RequestFacts(path, method, query, tuple(headers), "application/json")
             gate = waf.gates[mode]
             jobs.append(partial(waf.check_openapi, gate, facts, body or None, ()))
         else:
@@ -236,7 +266,12 @@ def check_verdicts(waf: Waf) -> None:
     """Every mode passes the clean mix; crs refuses every attack, sqli_xss the SQLi and
     XSS ones (not the path traversal, which it does not look for)."""
     sqli_xss = [True, True, True, False]
-    expected = {"sqli_xss": sqli_xss, "sqli_xss_engine": sqli_xss, "crs": [True] * 4}
+    expected = {
+        "sqli_xss": sqli_xss,
+        "sqli_xss_engine": sqli_xss,
+        "crs": [True] * 4,
+        "crs_api": [True] * 4,
+    }
     if waf.fast_pass is None:
         raise BenchError("the sqli_xss fast pass is off: are the shipped rules in place?")
     for mode in WAF_ROWS:
@@ -273,6 +308,90 @@ def micro(rounds: int) -> dict[str, Any]:
         waf.executor.shutdown()
         waf._release()
     return {"rounds": rounds, "iterations": ITERATIONS, "requests_per_mix": 4, "samples": samples}
+
+
+def _corpus(name: str) -> list[dict[str, Any]]:
+    path = CORPUS / name
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    except OSError as exc:
+        raise BenchError(f"cannot read the corpus {path}: {exc}") from None
+
+
+def _corpus_input(waf: Waf, route: str, request: dict[str, Any]) -> EngineInput:
+    body = request["body"].encode()
+    headers = [(b"Host", API_HOST.encode()), (b"Accept", b"application/json")]
+    headers += [(n.encode(), v.encode()) for n, v in request["headers"]]
+    if body or request["method"] in ("POST", "PUT", "PATCH"):
+        headers.append((b"Content-Length", str(len(body)).encode()))
+    return EngineInput(
+        "198.18.0.1",
+        40000,
+        "198.18.0.2",
+        443,
+        request["target"].encode(),
+        request["method"],
+        "1.1",
+        headers_for_rules(tuple(headers), waf.headers_read[route]),
+        (),
+        body or None,
+    )
+
+
+def _refuses(waf: Waf, mode: str, request: dict[str, Any]) -> bool:
+    """Whether a mode's evaluation (as the WAF stage runs it) refuses the request."""
+    if mode == "off":
+        return False
+    if mode == "crs_pl1_api":
+        route = "crs_graphql" if request["route"] == "graphql" else "crs_api"
+    else:
+        route = "sqli_xss" if mode == "sqli_xss" else "crs"
+    data = _corpus_input(waf, route, request)
+    if mode == "sqli_xss":
+        assert waf.fast_pass is not None
+        waf.fast_pass.forget()
+        if waf.fast_pass.passes(data.uri, data.headers, data.body):
+            return False
+    return waf.evaluate(waf.rules[route], data) is not PASS
+
+
+def accuracy() -> dict[str, Any]:
+    """What each mode refuses of the benign corpus and of the attack corpus."""
+    benign, attacks = _corpus("benign_api.jsonl"), _corpus("attacks.jsonl")
+    out: dict[str, Any] = {"benign": len(benign), "attacks": len(attacks), "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="stockade-bench-") as tmp:
+        wafs = {1: _waf(Path(tmp)), 2: _waf(Path(tmp), paranoia=2)}
+        try:
+            for mode in ACCURACY_MODES:
+                waf = wafs[2 if mode == "crs_pl2" else 1]
+                started = time.perf_counter()
+                refused = [r["id"] for r in benign if _refuses(waf, mode, r)]
+                seconds = time.perf_counter() - started
+                kinds: dict[str, list[int]] = {}
+                for r in benign:
+                    counts = kinds.setdefault(r["kind"], [0, 0])
+                    counts[0] += r["id"] in refused
+                    counts[1] += 1
+                detected = [r["id"] for r in attacks if _refuses(waf, mode, r)]
+                out["modes"][mode] = {
+                    "benign_refused": len(refused),
+                    "attacks_refused": len(detected),
+                    "us_per_benign": round(seconds / len(benign) * 1e6, 1),
+                    "by_kind": kinds,
+                    "refused": refused if len(refused) <= 20 else refused[:20],
+                }
+                line = out["modes"][mode]
+                print(
+                    f"waf: {mode}: benign refused {line['benign_refused']}/{len(benign)}, "
+                    f"attacks {line['attacks_refused']}/{len(attacks)}, "
+                    f"{line['us_per_benign']:.0f} µs per benign request",
+                    file=sys.stderr,
+                )
+        finally:
+            for waf in wafs.values():
+                waf.executor.shutdown()
+                waf._release()
+    return out
 
 
 def _rss_kib() -> int:
@@ -360,7 +479,7 @@ def gateway(rounds: int, duration: int) -> dict[str, Any]:
         argv = [*l7.STOCKADE, "--config", str(toml), "proxy", "run"]
         pid = stack.enter_context(l7.serving("stockade", argv, port, tmp / "stockade.log"))
         headers = {name: value for name, value in HEADERS}
-        for mode in ("off", *WAF_MODES):
+        for mode in ("off", *WAF_MODES, "crs_api"):
             clean, _ = l7.get(port, f"/{mode}{GATEWAY_PATH}", headers)
             attack, _ = l7.get(
                 port, f"/{mode}/api/items?q=%3Cscript%3Ealert(1)%3C/script%3E&evil=1", headers
@@ -431,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.leak_only:
             return 0
         per_request = micro(args.rounds)
+        refusals = accuracy()
         served = gateway(args.rounds, args.duration)
     except BenchError as exc:
         print(f"bench.waf: {exc}", file=sys.stderr)
@@ -446,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "micro": per_request,
         "memory": memory,
         "gateway": served,
+        "accuracy": refusals,
     }
     report.publish("waf", results)
     return 0

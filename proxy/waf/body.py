@@ -19,7 +19,7 @@ from typing import cast
 
 from aiohttp.web_request import BaseRequest
 
-from stockade.proxy.limits import bounded_body
+from stockade.proxy.limits import BODY_PACE, bounded_body
 
 try:  # brotli is optional: without it a br body cannot be inspected (refused)
     import brotli
@@ -60,7 +60,9 @@ async def read_body(
     chunks: list[bytes] = []
     total = 0
     chunks_in = cast(
-        AsyncGenerator[bytes, None], bounded_body(request.content, max_body_size, idle_timeout)
+        AsyncGenerator[bytes, None],
+        # the pace: the whole-body bounds, and the 100 Continue a client may wait for
+        bounded_body(request.content, max_body_size, idle_timeout, request.get(BODY_PACE)),
     )
     async with contextlib.aclosing(chunks_in) as stream:
         async for chunk in stream:

@@ -7,17 +7,19 @@ Per request on a route with a WAF mode:
    compressed one is refused (415) or decompressed in step 2 with the bomb
    limit decompressed_limit. What was read is forwarded as it came.
 2. The evaluation: a ModSecurity transaction (sqli_xss, crs) or the OpenAPI
-   check (zero_trust). It runs in the worker's thread pool (ctypes lets go
-   of the GIL, so other requests go on meanwhile), bounded by `timeout`
-   (503 after it; the engine call finishes in its thread and is released
-   there) and by max_pending jobs (503 beyond). With inline_max set, a
-   sqli_xss or zero_trust request up to that size is evaluated on the loop
-   instead (off by default: under load the threads cost less CPU per
-   request, since they keep the engine's code and data in their caches).
-   Before that, a sqli_xss request the engine would certainly pass (no
-   body or a JSON one, every string the rules read plain and clean to
-   libinjection: proxy/waf/fast_pass.py) passes without a transaction
-   (fast_pass); one without a body before its stage even makes a coroutine.
+   check (zero_trust). A crs route with the API profile has two rule sets,
+   for a JSON body and for the rest (proxy/waf/rulesets.py, api_profile.py).
+   It runs in the worker's thread pool (ctypes lets go of the GIL, so other
+   requests go on meanwhile), bounded by `timeout` (503 after it; the engine
+   call finishes in its thread and is released there) and by max_pending
+   jobs (503 beyond). With inline_max set, a sqli_xss or zero_trust request
+   up to that size is evaluated on the loop instead (off by default: under
+   load the threads cost less CPU per request, since they keep the engine's
+   code and data in their caches). Before that, a sqli_xss request the
+   engine would certainly pass (no body or a JSON one, every string the
+   rules read plain and clean to libinjection: proxy/waf/fast_pass.py)
+   passes without a transaction (fast_pass); one without a body before its
+   stage even makes a coroutine.
 3. The verdict: a block is 403 with only the request id for the client
    (400 for a body that does not parse, 413 for a decompression bomb),
    logged with the rules, their messages and the matched variables
@@ -47,10 +49,25 @@ from stockade.proxy.limits import BodyError
 from stockade.proxy.settings import ProxyConfig, Route
 from stockade.proxy.waf.body import BodyDecodeError, decode, encodings, read_body
 from stockade.proxy.waf.fast_pass import FastPass, fast_pass_for
-from stockade.proxy.waf.findings import MAX_FINDINGS, SECRET_HEADERS, Finding, clip, collect
-from stockade.proxy.waf.modsec import Engine, ModSecurityError, RuleSet
-from stockade.proxy.waf.openapi import OpenApiError, OpenApiGate, RequestFacts, Violation
-from stockade.proxy.waf.rulesets import RuleSets
+from stockade.proxy.waf.findings import (
+    MAX_FINDINGS,
+    SECRET_HEADERS,
+    Finding,
+    Matches,
+    clip,
+    collect,
+    matched,
+)
+from stockade.proxy.waf.modsec import Engine, ModSecurityError
+from stockade.proxy.waf.openapi import (
+    OpenApiDocument,
+    OpenApiError,
+    OpenApiGate,
+    RequestFacts,
+    Violation,
+)
+from stockade.proxy.waf.openapi_security import Presented, RouteAccess
+from stockade.proxy.waf.rulesets import RouteRules, RuleSets
 from stockade.proxy.waf_settings import ENGINE_MODES, RouteWaf, WafConfig
 
 log = logging.getLogger("stockade.proxy.waf")
@@ -97,6 +114,8 @@ class Verdict:
     keys: tuple[str, ...] = ()  # rule ids, or the zero-trust check: what the counters count
     findings: tuple[Finding, ...] = ()
     detail: str = ""  # zero trust: what failed, for the log
+    challenge: str = ""  # zero trust's 401/403 for credentials: WWW-Authenticate
+    matched: Matches | None = None  # engine modes: every match, for the access log
 
 
 PASS = Verdict(0)
@@ -152,10 +171,11 @@ class Waf:
         routes = [route for route in config.routes if route.waf.mode != "off"]
         self.engine: Engine | None = None
         self.rule_sets: RuleSets | None = None
-        self.rules: dict[str, RuleSet] = {}  # by route name: the engine modes' rule sets
+        self.rules: dict[str, RouteRules] = {}  # by route name: the engine modes' rule sets
         # by route name: the headers its rules read (lowercase), None for all
         self.headers_read: dict[str, frozenset[bytes] | None] = {}
         self.gates: dict[str, OpenApiGate] = {}  # by route name: zero trust's documents
+        self.api_key_header = config.auth.api_key_header  # what zero trust's apiKey maps to
         self.fast_pass: FastPass | None = None  # sqli_xss routes' check without the engine
         try:
             self._load(routes)
@@ -179,20 +199,30 @@ class Waf:
             )
             self.rule_sets = RuleSets(self.engine, self.settings, largest)
             for route in engine_routes:
-                self.rules[route.name] = self.rule_sets.get(route.waf.mode, route.waf.exclude_rules)
+                self.rules[route.name] = self.rule_sets.for_route(route.name, route.waf)
+                for exclusion in route.waf.exclusions:
+                    log.info(
+                        "waf: route %s: rules %s off for %s: %s",
+                        route.name,
+                        ", ".join(exclusion.rules),
+                        ", ".join(exclusion.arguments) or "the route",
+                        exclusion.reason,
+                    )
                 read = self.rule_sets.headers_read(route.waf.mode)
                 self.headers_read[route.name] = (
                     None if read is None else frozenset(name.encode() for name in read)
                 )
             if self.settings.fast_pass and any(r.waf.mode == "sqli_xss" for r in engine_routes):
                 self.fast_pass = fast_pass_for(self.settings.sqli_xss_rules, self.settings.library)
-        documents: dict[Path, OpenApiGate] = {}
+        documents: dict[tuple[Path, str | None], OpenApiDocument] = {}
         for route in routes:
             path = route.waf.openapi
             if route.waf.mode == "zero_trust" and path is not None:
-                if path not in documents:
-                    documents[path] = OpenApiGate(path)
-                self.gates[route.name] = documents[path]
+                key = (path, route.waf.openapi_base_path)
+                if key not in documents:
+                    documents[key] = OpenApiDocument(*key)
+                access = RouteAccess(route.name, route.auth.mode, self.api_key_header)
+                self.gates[route.name] = OpenApiGate(documents[key], access)
 
     @property
     def active(self) -> bool:
@@ -291,14 +321,12 @@ class Waf:
     ) -> tuple[Callable[[], Verdict], int]:
         """Zero trust's check as a function of copied data (it may run on another thread)."""
         facts = RequestFacts(
-            scheme=ctx.scheme,
-            host=request.host,
             path=ctx.path,
             method=request.method,
-            query=tuple(request.query.items()),
+            raw_query=request.rel_url.raw_query_string,  # what the forwarder sends
             headers=tuple(request.headers.items()),
-            cookies=tuple(request.cookies.items()),
-            content_type=request.headers.get("Content-Type", "").lower(),
+            content_type=request.headers.get("Content-Type", ""),
+            presented=Presented(api_key=ctx.api_key_id is not None, scopes=ctx.scopes),
         )
         size = len(request.raw_path) + len(body or b"")
         return (lambda: self.check_openapi(gate, facts, body, codings)), size
@@ -356,7 +384,7 @@ class Waf:
             status = _DECODE_STATUS.get(exc.reason, 400)
             return Verdict(status, exc.reason, "request body could not be decoded", (exc.reason,))
 
-    def evaluate(self, rules: RuleSet, data: EngineInput) -> Verdict:
+    def evaluate(self, rules: RouteRules, data: EngineInput) -> Verdict:
         body = data.body
         if body and data.codings:
             decoded = self._decoded(body, data.codings)
@@ -365,7 +393,7 @@ class Waf:
             body = decoded
         assert self.engine is not None
         transaction_id = f"{self._id_prefix}{self._next_id():x}"
-        with self.engine.transaction(rules, transaction_id) as tx:
+        with self.engine.transaction(rules.for_request(data.headers), transaction_id) as tx:
             tx.connection(data.client, data.client_port, data.server, data.server_port)
             tx.uri(data.uri, data.method, data.version)
             tx.add_headers(data.headers)
@@ -382,11 +410,17 @@ class Waf:
         assert self.rule_sets is not None
         findings = collect(lines, self.rule_sets.known_ids, self.secret_headers)[:MAX_FINDINGS]
         keys = tuple(f.rule_id for f in findings) or ("unknown",)
+        every = matched(lines, self.rule_sets.known_ids)  # what `stockade waf tune` reads
         if found.status == 400:  # REQBODY_ERROR: the body does not parse as its type
             return Verdict(
-                400, "bad_body", "request body could not be parsed", keys, tuple(findings)
+                400,
+                "bad_body",
+                "request body could not be parsed",
+                keys,
+                tuple(findings),
+                matched=every,
             )
-        return Verdict(403, "blocked", "request blocked", keys, tuple(findings))
+        return Verdict(403, "blocked", "request blocked", keys, tuple(findings), matched=every)
 
     def check_openapi(
         self,
@@ -404,7 +438,12 @@ class Waf:
         if violation is None:
             return PASS
         return Verdict(
-            403, violation.reason, violation.message, (violation.reason,), detail=violation.detail
+            violation.status,
+            violation.reason,
+            violation.message,
+            (violation.reason,),
+            detail=violation.detail,
+            challenge=violation.challenge,
         )
 
     # -- the verdict ---------------------------------------------------------------
@@ -417,6 +456,8 @@ class Waf:
             counts[(policy.mode, key)] += 1
         what = "; ".join(map(str, verdict.findings)) or verdict.detail or verdict.reason
         route = ctx.route.name if ctx.route is not None else "-"
+        if verdict.matched is not None:
+            ctx.waf_record = verdict.matched.as_json(policy.mode)
         path = clip(ctx.path, 128)
         log.warning(
             "waf %s: request %s %s %s from %s on route %s (%s): %s",
@@ -442,7 +483,10 @@ class Waf:
         if detect:
             ctx.reason = f"waf_detect:{verdict.reason}"
             return
-        raise Refusal(verdict.status, WAF, verdict.reason, verdict.message)
+        refusal = Refusal(verdict.status, WAF, verdict.reason, verdict.message)
+        if verdict.challenge:
+            refusal.headers["WWW-Authenticate"] = verdict.challenge
+        raise refusal
 
     # -- lifetime ----------------------------------------------------------------
     async def close(self) -> None:

@@ -202,6 +202,26 @@ class Engine:
 # libmodsecurity's SecLang parser keeps global state: two threads loading rules
 # at once can crash the process, so every load and merge takes this lock.
 _PARSER = threading.Lock()
+# A load that fails can leave that state (3.0.9's lexer) mid-directive, and the
+# next load then fails too, whatever it is: after a failure, a throwaway rule is
+# loaded into a scratch set until one loads, which puts the lexer back.
+_DRAIN = b'SecRule ARGS "@rx x" "id:1,phase:2,pass,nolog"\n'
+
+
+def _drain_parser(lib: _Library) -> None:
+    """Reset the parser after a failed load (the caller holds _PARSER)."""
+    for _ in range(3):
+        scratch = lib.msc.msc_create_rules_set()
+        if not scratch:
+            return
+        error = c_void_p()
+        try:
+            loaded = lib.msc.msc_rules_add(scratch, _DRAIN, ctypes.byref(error))
+        finally:
+            lib.take_string(error.value)
+            lib.msc.msc_rules_cleanup(scratch)
+        if loaded >= 0:
+            return
 
 
 class RuleSet:
@@ -229,9 +249,17 @@ class RuleSet:
 
     def add(self, text: str, origin: str = "rules") -> int:
         """Load rules from text; the number of rules added."""
+        if "\0" in text:  # the C string would end there: the rest would silently not load
+            raise RulesError(f"{origin}: a NUL character in the rules")
+        # libmodsecurity 3.0.9's lexer is left mid-directive by a text whose last
+        # line (a SecRuleUpdateTargetById) has no newline, and the next load fails
+        if not text.endswith("\n"):
+            text += "\n"
         error = c_void_p()
         with _PARSER:
             count = self._lib.msc.msc_rules_add(self.pointer, text.encode(), ctypes.byref(error))
+            if count < 0:
+                _drain_parser(self._lib)
         return self._checked(count, error, origin)
 
     def add_file(self, path: Path) -> int:
@@ -241,6 +269,8 @@ class RuleSet:
             count = self._lib.msc.msc_rules_add_file(
                 self.pointer, str(path).encode(), ctypes.byref(error)
             )
+            if count < 0:
+                _drain_parser(self._lib)
         return self._checked(count, error, str(path))
 
     def merge(self, other: RuleSet) -> int:
