@@ -104,6 +104,9 @@ class Gateway:
         for action, counts in (("block", waf.blocks), ("detect", waf.detections)):
             for (mode, rule), count in list(counts.items()):
                 totals[(m.waf_blocks, (mode, rule, action))] = count
+        if self.auth.verifier is not None:
+            for issuer, count in self.auth.verifier.fetch_failures.items():
+                totals[(m.jwks_fetch_failures, (issuer,))] = count
         for key, total in totals.items():  # counted here as the difference since last time
             delta = total - self._synced.get(key, 0)
             if delta > 0:

@@ -48,6 +48,9 @@ class RequestContext:
     path: str = ""  # the one normalized path every stage and the upstream see
     host: str = ""  # the routed host: lowercase, without port or trailing dot
     authority: str = ""  # host[:port] as sent (Host, or an absolute-form target's): upstream Host
+    # The request target in origin form, as sent: the raw target itself, or an absolute-form
+    # target's path and query (what the WAF inspects; "" until the path stage has run)
+    origin_target: str = ""
     route: Route | None = None
     decision: str = ALLOWED
     reason: str = ""

@@ -29,13 +29,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
-from stockade.proxy.context import RequestContext
+from stockade.proxy.context import CLIENT_ABORT, UPSTREAM_ERROR, RequestContext
 
 log = logging.getLogger("stockade.proxy")
 
 # Suited to an API gateway: 1 ms .. 30 s.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+QUEUE_REFUSALS = frozenset(("queue_full", "queue_timeout"))
 
 
 def enable_multiprocess(directory: Path) -> None:
@@ -178,6 +179,12 @@ class ProxyMetrics:
             ["reason"],
             registry=r,
         )
+        self.jwks_fetch_failures = Counter(
+            "stockade_proxy_jwks_fetch_failures",
+            "JWKS or OpenID discovery fetches that failed (the known keys stay), by issuer.",
+            ["issuer"],
+            registry=r,
+        )
         self.rate_limited = Counter(
             "stockade_proxy_rate_limited",
             "Requests refused by a rate limit or a quota, by limit (plan:NAME:i, quota:day).",
@@ -230,6 +237,20 @@ class ProxyMetrics:
             ["reason"],
             registry=r,
         )
+        self.client_aborts = Counter(
+            "stockade_proxy_client_aborts",
+            "Requests whose client hung up first (logged as 499), by when: "
+            "during_request_body, before_response, during_response.",
+            ["phase"],
+            registry=r,
+        )
+        self.upstream_queue_refused = Counter(
+            "stockade_proxy_upstream_queue_refused",
+            "Requests refused (503) because every server of the pool was at maxconn: "
+            "queue_full or queue_timeout.",
+            ["pool", "reason"],
+            registry=r,
+        )
         self._counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
         self._observed: dict[tuple[Histogram, str], _Observed] = {}
 
@@ -264,6 +285,10 @@ class ProxyMetrics:
             self.count(self.auth_failures, ctx.reason)
         elif decision in ("ratelimit", "quota"):
             self.count(self.rate_limited, ctx.reason.removeprefix("limit:"))
+        elif decision == CLIENT_ABORT:
+            self.count(self.client_aborts, ctx.reason)
+        elif decision == UPSTREAM_ERROR and ctx.reason in QUEUE_REFUSALS and ctx.route:
+            self.count(self.upstream_queue_refused, ctx.route.pool, ctx.reason)
 
     def flush(self) -> None:
         """Everything counted since the last flush, into the metrics (once a second)."""

@@ -12,8 +12,13 @@ What the log does not hold cannot be replayed: headers, query strings and
 bodies are never logged (they carry secrets), so header/query-keyed limits
 see the key as missing, and a route that requires authentication accepts a
 request only if the log shows who it was (its consumer); tokens are not
-re-verified. Anomaly rules see the recorded status of each request as the
-upstream's answer. Nothing is banned: a ban rule that fires is reported.
+re-verified. The WAF cannot re-read a body either: a request the WAF
+flagged is logged with its matches (rule, variable, points), and on a route
+of the same engine mode the replay decides from those under the new
+config's exclusions, anomaly threshold and action (proxy/waf/tuning.py,
+recorded_flagged); other requests go through the WAF as rebuilt. Anomaly
+rules see the recorded status of each request as the upstream's answer.
+Nothing is banned: a ban rule that fires is reported.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +43,16 @@ from stockade.proxy.app import Gateway
 from stockade.proxy.context import ALLOWED, CLIENT_ABORT, UPSTREAM_ERROR, RequestContext
 from stockade.proxy.errors import Refusal
 from stockade.proxy.pipeline import checks
+from stockade.proxy.pipeline_types import Stage
 from stockade.proxy.settings import ProxyConfig
+from stockade.proxy.waf.firewall import WAF
+from stockade.proxy.waf.tuning import (
+    RecordedWaf,
+    TuneRecord,
+    flagged_reason,
+    parse_recorded_waf,
+    recorded_flagged,
+)
 
 MAX_LINE = 64 * 1024
 
@@ -60,6 +74,14 @@ class Recorded:
     reason: str | None
     bytes_in: int
     consumer: str | None
+    request_id: str = ""
+    route: str | None = None
+    waf: RecordedWaf | None = None  # what the WAF matched, when it flagged the request
+
+    def for_tuning(self) -> TuneRecord:
+        return TuneRecord(
+            self.request_id, self.client_ip, self.route, self.decision, self.reason, self.waf
+        )
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,9 @@ def read_log(lines: Iterable[str]) -> Iterator[Recorded | None]:
                 reason=raw.get("reason"),
                 bytes_in=int(raw.get("bytes_in") or 0),
                 consumer=raw.get("consumer"),
+                request_id=str(raw.get("request_id") or ""),
+                route=None if raw.get("route") is None else str(raw["route"]),
+                waf=parse_recorded_waf(raw.get("waf")),
             )
         except (ValueError, KeyError, TypeError):
             yield None
@@ -176,11 +201,41 @@ class Replayer:
         self.gateway.limiter.monotonic = lambda: self.clock["now"]
         self.gateway.limiter.wall = lambda: self.clock["now"]
         self.auth = _RecordedAuth()
+        self.record: Recorded | None = None  # the request being replayed
+        self.anomaly_threshold = config.waf.crs.anomaly_threshold
         policy = replace(self.gateway.policy(), auth=self.auth.stage)
+        if policy.waf is not None:
+            policy = replace(policy, waf=self._recorded_waf(policy.waf))
         self.checks = checks(quiet, policy)
+
+    def _recorded_waf(self, engine: Stage) -> Stage:
+        """The WAF from the recorded matches where there are some (the body is not in
+        the log); the WAF itself for everything else."""
+
+        def stage(request: BaseRequest, ctx: RequestContext) -> Awaitable[None] | None:
+            record, route = self.record, ctx.route
+            recorded = record.waf if record is not None else None
+            if record is None or recorded is None or route is None:
+                return engine(request, ctx)
+            policy = route.waf
+            if policy.mode != recorded.mode:
+                return engine(request, ctx)
+            verdict = flagged_reason(record.decision, record.reason) or "blocked"
+            if verdict == "blocked" and not recorded_flagged(
+                recorded, policy, self.anomaly_threshold
+            ):
+                return None
+            if policy.action == "detect":
+                ctx.reason = f"waf_detect:{verdict}"
+                return None
+            status = 400 if verdict == "bad_body" else 403
+            raise Refusal(status, WAF, verdict, "request refused by the WAF (recorded matches)")
+
+        return stage
 
     async def outcome(self, record: Recorded) -> Outcome:
         self.clock["now"] = record.time
+        self.record = record
         headers = {"Host": record.host or "replay.invalid"}
         if record.bytes_in:
             headers["Content-Length"] = str(record.bytes_in)

@@ -35,6 +35,7 @@ from stockade.config_fields import ConfigError, Section
 from stockade.logs import parse_log_format
 from stockade.proxy.anomaly_settings import AnomalyConfig, parse_anomaly
 from stockade.proxy.auth_settings import AuthConfig, RouteAuth, parse_auth, parse_route_auth
+from stockade.proxy.normalize import BadPath, normalize_path
 from stockade.proxy.ratelimit_settings import (
     QuotaConfig,
     RateLimitConfig,
@@ -111,8 +112,14 @@ class Pool:
     health: HealthCheck = HealthCheck()
     passive: PassiveCheck = PassiveCheck()
     slow_start: float = 0.0  # seconds to ramp a recovered server's weight up
-    max_connections_per_server: int = 100  # keep-alive pool size, per worker
+    max_connections_per_server: int = 100  # idle keep-alive connections kept, per worker
     keepalive_timeout: float = 30.0
+    # Per server and worker: requests in flight at once (so upstream connections in
+    # use); 0 = unlimited. Beyond it requests wait in the pool's queue (HAProxy's
+    # server maxconn and timeout queue), at most max_queue of them, each queue_timeout.
+    maxconn: int = 100
+    max_queue: int = 1000
+    queue_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,8 @@ class Route:
     max_body_size: int = 10 * 1024 * 1024
     allow_encoded_slash: bool = False  # %2F in the path
     allow_encoded_dots: bool = False  # %2E segments such as %2e%2e
+    allow_path_params: bool = False  # ";params" in a segment, matched without them
+    case_insensitive: bool = False  # the backend folds case: match the path in lowercase
     auth: RouteAuth = field(default_factory=RouteAuth)
     rate_limits: tuple[str, ...] = ()  # names in [proxy.rate_limiting.limits]
     waf: RouteWaf = field(default_factory=RouteWaf)
@@ -149,6 +158,12 @@ class ProxyConfig:
     max_url_length: int = 8190
     header_timeout: float = 10.0  # whole request head (slowloris)
     body_idle_timeout: float = 30.0  # between body chunks (slow POST)
+    # The whole body (slow POST at a trickle): time spent waiting for it, at most
+    # body_timeout (0 = no bound), and at least body_min_rate bytes/s after
+    # body_rate_grace (0 = no bound; Apache mod_reqtimeout's body=20,MinRate=500).
+    body_timeout: float = 300.0
+    body_min_rate: int = 500
+    body_rate_grace: float = 20.0
     keepalive_timeout: float = 60.0
     max_connections: int = 10_000  # per worker
     drain_timeout: float = 30.0  # in-flight requests get this long on SIGTERM
@@ -219,7 +234,9 @@ def _server(where: str, raw: Any) -> Server:
         raise ConfigError(f'{where}: expected "host:port" or {{ address = ..., weight = ... }}')
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # isascii: str.isdigit() is true for any script's digits (and "²", which int() refuses)
+    port_ok = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if not sep or not host or not port_ok or not 1 <= int(port_text) <= 65535:
         raise ConfigError(f"{where}: {text!r} is not host:port (IPv6 as [addr]:port)")
     try:
         ipaddress.ip_address(host)
@@ -288,6 +305,9 @@ def _pool(name: str, section: Section) -> Pool:
             "max_connections_per_server", d.max_connections_per_server, 1, 10_000
         ),
         keepalive_timeout=section.duration("keepalive_timeout", d.keepalive_timeout),
+        maxconn=section.integer("maxconn", d.maxconn, 0, 100_000),
+        max_queue=section.integer("max_queue", d.max_queue, 0, 1_000_000),
+        queue_timeout=section.duration("queue_timeout", d.queue_timeout),
     )
     section.finish()
     return pool
@@ -311,8 +331,17 @@ def _route(
         if not _HOST.fullmatch(host):
             raise ConfigError(f"{section.key('host')}: {host!r} is not a host name")
     prefix = section.get("path_prefix", str, "/")
-    if not prefix.startswith("/") or any(c in prefix for c in "?#%\0"):
-        raise ConfigError(f"{section.key('path_prefix')}: must start with / (no ?, #, %)")
+    if not prefix.startswith("/") or any(c in prefix for c in "?#%;\0"):
+        raise ConfigError(f"{section.key('path_prefix')}: must start with / (no ?, #, %, ;)")
+    try:  # a prefix no normalized path can start with would never match
+        normal = normalize_path(prefix) == prefix
+    except BadPath:
+        normal = False
+    if not normal:
+        raise ConfigError(
+            f"{section.key('path_prefix')}: {prefix!r} is not a normalized path "
+            "(no //, dot-segments, segments ending in a dot, spaces or non-ASCII)"
+        )
     d = Route(name="", pool=pool)
     route = Route(
         name=section.get("name", str, f"route{index}"),
@@ -326,6 +355,8 @@ def _route(
         max_body_size=section.size("max_body_size", d.max_body_size, 0, 1 << 40),
         allow_encoded_slash=section.get("allow_encoded_slash", bool, d.allow_encoded_slash),
         allow_encoded_dots=section.get("allow_encoded_dots", bool, d.allow_encoded_dots),
+        allow_path_params=section.get("allow_path_params", bool, d.allow_path_params),
+        case_insensitive=section.get("case_insensitive", bool, d.case_insensitive),
         auth=parse_route_auth(section, auth),
         rate_limits=route_limits(section, limits),
         waf=parse_route_waf(section, waf),
@@ -377,6 +408,9 @@ def parse_proxy(section: Section) -> ProxyConfig:
         max_url_length=section.integer("max_url_length", d.max_url_length, 64, 1 << 20),
         header_timeout=section.duration("header_timeout", d.header_timeout),
         body_idle_timeout=section.duration("body_idle_timeout", d.body_idle_timeout),
+        body_timeout=section.duration("body_timeout", d.body_timeout, allow_zero=True),
+        body_min_rate=section.size("body_min_rate", d.body_min_rate, 0, 1 << 40),
+        body_rate_grace=section.duration("body_rate_grace", d.body_rate_grace, allow_zero=True),
         keepalive_timeout=section.duration("keepalive_timeout", d.keepalive_timeout),
         max_connections=section.integer("max_connections", d.max_connections, 1, 1_000_000),
         drain_timeout=section.duration("drain_timeout", d.drain_timeout),

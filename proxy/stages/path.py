@@ -79,6 +79,7 @@ def path_stage(router: Router, max_url_length: int) -> Stage:
             raise _bad_request("host", "missing_host", "an HTTP/1.1 request needs a Host header")
         if raw[:1] != "/":
             raw = _absolute_form(raw, ctx)
+        ctx.origin_target = raw
         raw_path = raw.split("?", 1)[0]
         try:
             lenient = normalize_path(

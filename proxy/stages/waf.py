@@ -20,7 +20,7 @@ def waf_stage(waf: Waf) -> Stage:
     def stage(request: BaseRequest, ctx: RequestContext) -> Awaitable[None] | None:
         route = ctx.route
         assert route is not None, "the path stage runs first"
-        if route.waf.mode == "off" or waf.passes_fast(request, route):
+        if route.waf.mode == "off" or waf.passes_fast(request, ctx, route):
             return None  # no coroutine for routes without a WAF, nor for a fast pass
         if ctx.body is not None:
             # read_body gets only the request: the body's pace rides on it

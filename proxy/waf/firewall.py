@@ -151,6 +151,12 @@ def _addresses(request: BaseRequest) -> tuple[int, str, int]:
     return client_port, "0.0.0.0", 0
 
 
+def _target(request: BaseRequest, ctx: RequestContext) -> str:
+    """The target the rules see: origin form as sent, also for an absolute-form request
+    (whose authority was routed on, and which the upstream receives in origin form)."""
+    return ctx.origin_target or request.raw_path
+
+
 def headers_for_rules(
     raw: tuple[tuple[bytes, bytes], ...], read: frozenset[bytes] | None
 ) -> tuple[tuple[bytes, bytes], ...]:
@@ -228,20 +234,22 @@ class Waf:
     def active(self) -> bool:
         return bool(self.rules or self.gates)
 
-    def passes_fast(self, request: BaseRequest, route: Route) -> bool:
+    def passes_fast(self, request: BaseRequest, ctx: RequestContext, route: Route) -> bool:
         """A sqli_xss request without a body that the fast pass passes (no coroutine,
         no transaction); False: inspect() it."""
-        if request.body_exists or not self._fast_passed(request, route, None):
+        if request.body_exists or not self._fast_passed(request, ctx, route, None):
             return False
         self.counters.inspected["sqli_xss"] += 1
         return True
 
-    def _fast_passed(self, request: BaseRequest, route: Route, body: bytes | None) -> bool:
+    def _fast_passed(
+        self, request: BaseRequest, ctx: RequestContext, route: Route, body: bytes | None
+    ) -> bool:
         """The fast pass passes this sqli_xss request (counted); False: the engine decides."""
         fast = self.fast_pass
         if fast is None or route.waf.mode != "sqli_xss":
             return False
-        uri = request.raw_path.encode("utf-8", "surrogateescape")
+        uri = _target(request, ctx).encode("utf-8", "surrogateescape")
         if not fast.passes(uri, request.raw_headers, body):
             return False
         self.counters.fast_passed += 1
@@ -258,7 +266,7 @@ class Waf:
         gate = self.gates.get(route.name)
         if gate is not None:
             job, size = self._openapi_job(gate, request, ctx, body, codings)
-        elif request.body_exists and not codings and self._fast_passed(request, route, body):
+        elif request.body_exists and not codings and self._fast_passed(request, ctx, route, body):
             return  # (without a body, passes_fast tried it already)
         else:
             data = self._engine_input(request, ctx, route, body, codings)
@@ -328,7 +336,7 @@ class Waf:
             content_type=request.headers.get("Content-Type", ""),
             presented=Presented(api_key=ctx.api_key_id is not None, scopes=ctx.scopes),
         )
-        size = len(request.raw_path) + len(body or b"")
+        size = len(_target(request, ctx)) + len(body or b"")
         return (lambda: self.check_openapi(gate, facts, body, codings)), size
 
     def _engine_input(
@@ -347,7 +355,7 @@ class Waf:
             client_port=client_port,
             server=server,
             server_port=server_port,
-            uri=request.raw_path.encode("utf-8", "surrogateescape"),
+            uri=_target(request, ctx).encode("utf-8", "surrogateescape"),
             method=request.method,
             version=f"{version.major}.{version.minor}",
             headers=headers_for_rules(request.raw_headers, self.headers_read[route.name]),

@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from waf_harness import HOST, RecordingUpstream, serving, waf_config
+from yarl import URL
 
 from stockade.proxy.app import Gateway
 from stockade.proxy.waf.fast_pass import (
@@ -384,5 +385,40 @@ def test_custom_rules_still_see_every_request(tmp_path: Path) -> None:
             assert await _get(base, "/s/items?q=forbidden") == 403
             assert await _get(base, "/s/items?q=fine") == 200
             assert gateway.waf is not None and gateway.waf.counters.fast_passed == 0
+
+    asyncio.run(scenario())
+
+
+async def _raw_get(base: str, target: str) -> int:
+    """A request line sent as written (aiohttp's client would turn it into origin form)."""
+    url = URL(base)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        status_line = await reader.readline()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("fast_pass", [True, False])
+def test_rules_see_an_absolute_form_target_in_origin_form(tmp_path: Path, fast_pass: bool) -> None:
+    """The rules see what the upstream gets: the path and query, not the scheme and
+    authority the request was routed by (a path rule must hold for both forms)."""
+    rules = tmp_path / "mine.conf"
+    rules.write_text(
+        SHIPPED_RULES.read_text()
+        + '\nSecRule REQUEST_URI "!@beginsWith /" "id:43001,phase:1,deny,status:403,log"\n'
+        + 'SecRule REQUEST_FILENAME "@streq /s/private" "id:43002,phase:1,deny,status:403,log"\n'
+    )
+    waf = WafConfig(sqli_xss_rules=rules, fast_pass=fast_pass)
+
+    async def scenario() -> None:
+        async with sqli_xss_gateway(tmp_path, waf) as (base, _gateway):
+            for prefix in ("", f"http://{HOST}"):
+                assert await _raw_get(base, f"{prefix}/s/items?q=fine") == 200, prefix
+                assert await _raw_get(base, f"{prefix}/s/private") == 403, prefix
+                assert await _raw_get(base, f"{prefix}/s/items?q=1'+or+'1'='1") == 403, prefix
 
     asyncio.run(scenario())
