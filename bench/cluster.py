@@ -12,6 +12,15 @@ no SYN-ACK: the kernel there drops the source. Both sides read the host's
 CLOCK_MONOTONIC. Then the address is unbanned and the next trial waits until
 every node has lifted it. Trials rotate the banning node and the address.
 
+Cluster authentication is measured on and off in the same run, on the same
+three controllers: between trials every node's [cluster.auth] is switched (a
+signed HMAC key, or insecure_unauthenticated) and applied with `stockade
+reload`, in the order on, off, off, on, ... so drift on the host hits both
+alike; --trials is the total, half each. One untimed ban and unban from each
+node warms the path first. The CPU that authentication adds per event is
+also timed on its own (signing as a publisher does; parsing and checking the
+signature as a receiver does).
+
 Part b, throughput: the set-up of bench/l7.py (loopback, HAProxy with one
 thread as the upstream answering itself), with three `stockade proxy run`
 (N workers each): no limit; one limit keyed by ip with scope = "local"; the
@@ -29,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -59,6 +69,10 @@ BAN_AFTER_S = 0.8
 SETTLE_TIMEOUT_S = 5.0
 HUGE_RATE = "1000000000/min"
 VARIANTS = ("no limit", "limit, scope local", "limit, scope cluster")
+AUTH_MODES = ("on", "off")  # cluster authentication: an HMAC key, or none
+AUTH_ORDER = ("on", "off", "off", "on")  # trial by trial, repeated
+WARM_TARGET = "198.51.100.7"  # banned and lifted once from each node before timing
+COST_LOOPS = 20_000
 
 CONTROLLER_TOML = """\
 [controller]
@@ -81,7 +95,12 @@ url = "{url}"
 node = "{node}"
 heartbeat = "250ms"
 retry_interval = "250ms"
+[cluster.auth]
 """
+AUTH_TOML = {
+    "on": 'key_file = "{key}"\n',
+    "off": "insecure_unauthenticated = true\n",
+}
 
 LIMIT_TOML = """
 [proxy.rate_limiting.limits.per_ip]
@@ -95,22 +114,34 @@ scope = "{scope}"
 # --- part a: propagation ------------------------------------------------------
 
 
+def write_key(path: Path) -> Path:
+    """The cluster key, as an operator makes it: 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+def config_text(home: Path, lab: topology.Lab, node: str, url: str, auth: str) -> str:
+    pin_root = Path(f"/sys/fs/bpf/stockade-bench-{lab.prefix}")
+    text = CONTROLLER_TOML.format(
+        home=home,
+        pin_root=pin_root,
+        netns=lab.gateway_ns,
+        ifname=lab.gateway_if,
+        url=url,
+        node=node,
+    )
+    return text + auth
+
+
 @contextmanager
-def controller(home: Path, lab: topology.Lab, node: str, url: str) -> Iterator[Path]:
+def controller(home: Path, lab: topology.Lab, node: str, url: str, auth: str) -> Iterator[Path]:
     """A cluster-mode controller on the lab's gateway; yields its control socket."""
     home.mkdir(parents=True)
     pin_root = Path(f"/sys/fs/bpf/stockade-bench-{lab.prefix}")
     config = home / "stockade.toml"
-    config.write_text(
-        CONTROLLER_TOML.format(
-            home=home,
-            pin_root=pin_root,
-            netns=lab.gateway_ns,
-            ifname=lab.gateway_if,
-            url=url,
-            node=node,
-        )
-    )
+    config.write_text(config_text(home, lab, node, url, auth))
     log = home / "controller.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -182,19 +213,91 @@ def free_prefix(index: int) -> str:
     raise BenchError("no free lab prefix")
 
 
+def auth_mode(trial: int) -> str:
+    """Trials in the order on, off, off, on, ...: half of them each."""
+    return AUTH_ORDER[trial % len(AUTH_ORDER)]
+
+
+def auth_cost(key_path: Path) -> dict[str, float]:
+    """Microseconds of CPU per event that authentication adds: a publisher signing a
+    ban (and writing its envelope), a receiver parsing and checking one."""
+    from stockade.controller.cluster_auth import Keyring, load_key, new_nonce, sign, verify
+    from stockade.controller.cluster_records import Change, change_from_entry, encode_ban
+    from stockade.controller.store import Ban
+    from stockade.targets import parse_target
+
+    key = load_key(key_path, "bench")
+    ring = Keyring(key, {key.kid: key})
+    now = time.time()
+    record = encode_ban(Ban(parse_target("198.18.0.10"), "bench", "cli", now, now + 60), "a")
+
+    def signed() -> Change:
+        made = Change("a", "ban", "198.18.0.10", f"{time.time():.6f}", new_nonce(), record, None)
+        made = Change(**{**made.__dict__, "signature": sign(key, made.signed("stockade:"))})
+        made.stored_value()
+        return made
+
+    start = time.process_time()
+    for _ in range(COST_LOOPS):
+        made = signed()
+    sign_us = (time.process_time() - start) / COST_LOOPS * 1e6
+    fields = {"a": made.action, "t": made.target, "n": made.node, "r": made.record}
+    fields.update({"at": made.at, "nc": made.nonce, "sig": made.signature or ""})
+    start = time.process_time()
+    for _ in range(COST_LOOPS):
+        got = change_from_entry(fields)
+        if verify(ring, got.signed("stockade:"), got.signature or "") is not None:
+            raise BenchError("the bench's own signature does not verify")
+    verify_us = (time.process_time() - start) / COST_LOOPS * 1e6
+    return {"sign_us": round(sign_us, 2), "verify_us": round(verify_us, 2)}
+
+
+def warm_up(sockets: list[Path]) -> None:
+    for sock in sockets:
+        call(sock, "ban", target=WARM_TARGET, reason="warm-up")
+        call(sock, "unban", target=WARM_TARGET)
+        settle(sockets, WARM_TARGET)
+
+
+def switch_auth(
+    mode: str, tmp: Path, labs: list[topology.Lab], sockets: list[Path], url: str, key: Path
+) -> None:
+    """Every node to `mode` with `stockade reload` (what an operator does), checked."""
+    for node, lab, sock in zip(NODES, labs, sockets, strict=True):
+        home = tmp / node
+        text = config_text(home, lab, node, url, AUTH_TOML[mode].format(key=key))
+        (home / "stockade.toml").write_text(text)
+        reply = call(sock, "reload")
+        if reply["needs_restart"]:
+            raise BenchError(f"switching auth on {node} needs a restart: {reply['needs_restart']}")
+        shown = call(sock, "status")["cluster"]["auth"]["mode"]
+        if shown != mode:
+            raise BenchError(f"node {node}: cluster auth is {shown!r} after the reload, not {mode}")
+
+
 def propagation(trials: int, tmp: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         redis = stack.enter_context(running_redis(tmp / "redis", PASSWORD))
         labs = [
             stack.enter_context(topology.running_lab(free_prefix(i))) for i in range(len(NODES))
         ]
+        tmp.mkdir(parents=True, exist_ok=True)
+        key = write_key(tmp / "cluster.key")
+        mode = auth_mode(0)
+        auth = AUTH_TOML[mode].format(key=key)
         sockets = [
-            stack.enter_context(controller(tmp / node, lab, node, redis.url()))
+            stack.enter_context(controller(tmp / node, lab, node, redis.url(), auth))
             for node, lab in zip(NODES, labs, strict=True)
         ]
+        warm_up(sockets)
         samples: list[dict[str, Any]] = []
         for trial in range(trials):
-            source = topology.CLIENT_V4[trial % len(topology.CLIENT_V4)]
+            if auth_mode(trial) != mode:
+                mode = auth_mode(trial)
+                switch_auth(mode, tmp, labs, sockets, redis.url(), key)
+            # shifted every cycle of AUTH_ORDER, so that both modes use every address alike
+            shift = trial // len(AUTH_ORDER)
+            source = topology.CLIENT_V4[(trial + shift) % len(topology.CLIENT_V4)]
             at = trial % len(NODES)
             others = [i for i in range(len(NODES)) if i != at]
             watchers = {i: watcher(labs[i], source) for i in others}
@@ -207,6 +310,7 @@ def propagation(trials: int, tmp: Path) -> dict[str, Any]:
                 samples.append(
                     {
                         "trial": trial,
+                        "auth": mode,
                         "from": NODES[at],
                         "to": NODES[i],
                         "source": source,
@@ -217,9 +321,25 @@ def propagation(trials: int, tmp: Path) -> dict[str, Any]:
             call(sockets[at], "unban", target=source)
             settle(sockets, source)
             shown = [s["drop_ms"] for s in samples[-len(others) :]]
-            print(f"cluster: trial {trial + 1}/{trials}: dropped after {shown} ms", file=sys.stderr)
+            print(
+                f"cluster: trial {trial + 1}/{trials} (auth {mode}): dropped after {shown} ms",
+                file=sys.stderr,
+            )
+        # No ban or unban may have been refused (heartbeats between two nodes' reloads are)
+        refused = {
+            node: {
+                kind: reasons
+                for kind, reasons in call(sock, "status")["cluster"]["refused"].items()
+                if kind != "heartbeat"
+            }
+            for node, sock in zip(NODES, sockets, strict=True)
+        }
+        if any(refused.values()):
+            raise BenchError(f"nodes refused bans or unbans during the bench: {refused}")
         return {
             "trials": trials,
+            "auth_modes": list(AUTH_MODES),
+            "auth_cost": auth_cost(key),
             "probe_interval_ms": PROBE_INTERVAL_S * 1000,
             "probe_timeout_ms": PROBE_TIMEOUT_S * 1000,
             "samples": samples,
@@ -255,6 +375,8 @@ def throughput(rounds: int, duration: int, tmp: Path) -> dict[str, Any]:
                 scope = "cluster" if index == 2 else "local"
                 text += LIMIT_TOML.format(rate=HUGE_RATE, scope=scope)
                 text += f'[cluster]\nbackend = "redis"\nurl = "{redis.url(tcp=True)}"\n'
+                # the proxy never reads the key (no ban events): any path names it
+                text += f'[cluster.auth]\nkey_file = "{tmp / "cluster.key"}"\n'
             pid = l7.start_stockade(stack, tmp, f"proxy-{index}", text, port)
             targets.append(l7.Target(name, port, pid, processes=1 + workers))
         check_counted(targets[2].port, redis)
@@ -299,10 +421,12 @@ def check_counted(port: int, redis: RedisServer) -> None:
 
 def run(trials: int, rounds: int, duration: int) -> dict[str, Any]:
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="stockade-bench-cluster-") as tmp:
         part_a = propagation(trials, Path(tmp) / "a")
         part_b = throughput(rounds, duration, Path(tmp) / "b")
     return {
+        "host_load": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-minute average
         "bench": "cluster",
         "date": now_iso(),
         "command": COMMAND,
@@ -316,7 +440,9 @@ def run(trials: int, rounds: int, duration: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=30, help="bans timed (default 30)")
+    parser.add_argument(
+        "--trials", type=int, default=30, help="bans timed, half with auth on (default 30)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default 3)")
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run (8)")
     args = parser.parse_args(argv)

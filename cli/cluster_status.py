@@ -31,4 +31,33 @@ def cluster_lines(cluster: dict[str, Any], now: float | None = None) -> list[str
         f"{cluster['queued']} events queued, {cluster['published']} published, "
         f"{cluster['received']} received"
     )
+    lines.extend(_trust_lines(cluster))
+    return lines
+
+
+def _trust_lines(cluster: dict[str, Any]) -> list[str]:
+    """How this node authenticates what arrives through Redis, and what it refused."""
+    auth = cluster.get("auth")
+    if auth is None:  # a controller from before cluster authentication
+        return []
+    mode = auth["mode"]
+    if mode == "off":
+        shown = "OFF (insecure_unauthenticated: anyone who can write to Redis is trusted)"
+    elif mode == "migration":
+        shown = f"on with key {auth['key_id']}, UNSIGNED ACCEPTED (accept_unsigned)"
+    else:
+        shown = f"on with key {auth['key_id']}"
+    extra = [k for k in auth.get("accepted_key_ids", []) if k != auth["key_id"]]
+    if extra:
+        shown += f" (also accepting {', '.join(extra)})"
+    lines = [f"            auth: {shown}"]
+    refused = cluster.get("refused") or {}
+    if refused:
+        parts = [
+            f"{kind} {reason} {count}"
+            for kind, reasons in sorted(refused.items())
+            for reason, count in sorted(reasons.items())
+        ]
+        total = sum(sum(r.values()) for r in refused.values())
+        lines.append(f"            REFUSED {total} from the cluster: {', '.join(parts)}")
     return lines

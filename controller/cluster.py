@@ -1,30 +1,44 @@
 """Cluster mode: this node's bans shared with every other node through Redis.
 
 A ban or unban made here (CLI or rule) is handed over by BanService.on_change
-on the worker thread, queued, and published by one Lua script that writes the
-durable record and appends to the stream (cluster_records.py). Every node
-reads the stream from its last seen id and applies other nodes' events on
-the controller's worker thread, which stays the only writer of the maps and
-the store; its own events come back on the stream and are skipped, and what
-came from the cluster is never published again, so nothing echoes.
+on the worker thread, queued, signed when it is published (cluster_auth.py),
+and published by one Lua script that writes the durable record and appends
+to the stream (cluster_records.py). Every node reads the stream from its last
+seen id and applies other nodes' events on the controller's worker thread,
+which stays the only writer of the maps and the store; its own events come
+back on the stream and are skipped, and what came from the cluster is never
+published again, so nothing echoes.
+
+Nothing read from Redis is applied on trust: an event, a record or a
+tombstone must carry a valid signature by a key this node holds (or be
+accepted unsigned during a migration), come from a node in [cluster.auth]
+nodes, be fresh (events: within the replay window, nonce not seen before),
+pass [cluster.accept], and pass the checks a local ban gets (BanService).
+Whatever fails is refused, counted by kind and reason, and logged once per
+origin per minute.
 
 On every (re)connect: replay the queue, catch up on the stream from the last
 id this node saw (it is kept in <state_dir>/cluster.json with the queue, so a
 restart catches up too), then resync from the durable record: add or fix
-what the cluster has, lift "cluster" bans it no longer has, publish our own
-bans it lacks. While Redis is away the node keeps enforcing what it has,
-queues its own changes (also in cluster.json) and retries every
+what the cluster has, lift a "cluster" ban when a signed unban (tombstone)
+says so (or, when unsigned data is trusted, when the record lacks it),
+publish our own bans it lacks. While Redis is away the node keeps enforcing
+what it has, queues its own changes (also in cluster.json) and retries every
 retry_interval; every Redis call has a timeout, so nothing waits on it.
 
-A Redis that comes back empty (restarted without persistence) is told by its
-epoch key: then each node publishes every ban it has, received ones too, in
-place of lifting what the record lacks, so a Redis restart loses nothing.
+A Redis that lost its data (restarted without persistence, FLUSHALL) is told
+by its epoch key, checked when a connection starts and on every heartbeat
+(so within one heartbeat on a live connection): then each node publishes
+every ban it has, received ones too, in place of lifting what the record
+lacks, so the shared record is whole again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,19 +52,45 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from stockade.cluster_settings import ClusterConfig
+from stockade.cluster_settings import BAN_SOURCES, ClusterConfig
+from stockade.controller.cluster_auth import (
+    ALLOWLISTED,
+    BAD_TAG,
+    INVALID,
+    MALFORMED,
+    NOT_ACCEPTED,
+    REPLAYED,
+    UNKNOWN_KEY,
+    UNKNOWN_NODE,
+    UNSIGNED,
+    NonceMemory,
+    RefusalLog,
+    Signed,
+    Trust,
+    new_nonce,
+    shown_origin,
+    sign,
+    verify,
+)
 from stockade.controller.cluster_records import (
     CLUSTER_SOURCE,
     PUBLISH_SCRIPT,
+    TOMBSTONE_TTL_MS,
+    Change,
     Keys,
-    decode_ban,
+    MalformedChange,
+    Record,
+    as_ban,
+    change_from_entry,
+    change_from_value,
     encode_ban,
     expires_ms,
+    parse_record,
 )
-from stockade.controller.service import BanChange, BanService
+from stockade.controller.service import BanChange, BanService, RemoteBanRefused
 from stockade.controller.store import Ban
 from stockade.redis_conn import ClusterAuthError, connect, describe_error, is_auth_error
-from stockade.targets import format_target, parse_target
+from stockade.targets import Network, TargetError, format_target, parse_target
 
 log = logging.getLogger("stockade.controller.cluster")
 
@@ -61,7 +101,15 @@ READ_BLOCK = 1.0  # seconds one XREAD waits for events (its socket waits a timeo
 BATCH = 500  # stream entries and records read per call
 PEER_ALIVE = 5.0  # heartbeats: a peer not seen for this long is shown as gone
 STATE_FILE = "cluster.json"
+# An unban signed this much before the ban it would lift was created is stale (a
+# replay): the nodes' clocks must agree within it, as they must for TTLs.
+CLOCK_SKEW = 2.0
 _RETRYABLE = (OSError, TimeoutError, ConnectionError)
+
+# What was refused, for the metric's `kind` label.
+EVENT, RECORD, TOMBSTONE, HEARTBEAT = "event", "record", "tombstone", "heartbeat"
+
+Refusal = tuple[str, str]  # (reason, detail)
 
 
 @dataclass
@@ -69,6 +117,23 @@ class Peer:
     node: str
     last_seen: float
     lag: float | None
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A change read from Redis that passed the signature, node and freshness checks."""
+
+    change: Change
+    record: Record | None  # parsed, for a ban
+
+
+@dataclass(frozen=True)
+class Refused:
+    kind: str
+    origin: str
+    target: str
+    reason: str
+    detail: str
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
@@ -91,6 +156,7 @@ class ClusterSync:
         service: BanService,
         on_worker: OnWorker[Any],
         state_dir: Path,
+        trust: Trust,
     ) -> None:
         self.config = config
         self.service = service
@@ -109,6 +175,14 @@ class ClusterSync:
         self.last_id: str | None = None
         self.epoch: str | None = None  # the Redis data set this node last synced with
         self.pending: deque[dict[str, Any]] = deque()
+        self.trust = trust
+        self.nonces = NonceMemory(trust.auth.replay_window)
+        self.refusals = RefusalLog(log.warning)
+        # (kind, reason) -> count since start: stockade_cluster_refused_total
+        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.unsigned_accepted = 0  # during a migration (accept_unsigned)
+        self.record_losses = 0  # times Redis was found to have lost the shared record
+        self.kept_unconfirmed = 0  # received bans kept: gone from the record, no signed unban
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -121,6 +195,7 @@ class ClusterSync:
         background. A refused password stops the start; an unreachable Redis does not."""
         self._loop = asyncio.get_running_loop()
         self._load_state()
+        self._log_trust()
         client = connect(self.config)
         try:
             await asyncio.wait_for(client.ping(), self.config.timeout * 2)
@@ -144,6 +219,33 @@ class ClusterSync:
             await asyncio.wait([self._task], timeout=READ_BLOCK + 4 * self.config.timeout)
         self.service.on_change = None
         self._save_state()
+
+    def set_trust(self, trust: Trust) -> None:
+        """New keys or [cluster.accept] (a reload): used from the next item on."""
+        self.trust = trust
+        self.nonces.window = trust.auth.replay_window
+        self._log_trust()
+
+    def _log_trust(self) -> None:
+        trust = self.trust
+        if not trust.signs:
+            log.warning(
+                "cluster: authentication is OFF (cluster.auth.insecure_unauthenticated): "
+                "anything that can write to Redis can ban or unban on this node"
+            )
+        elif trust.auth.accept_unsigned:
+            log.warning(
+                "cluster: signing with key %s and ACCEPTING UNSIGNED bans and unbans "
+                "(cluster.auth.accept_unsigned, for a migration only): turn it off once "
+                "every node has the key",
+                trust.keyring.signing.kid if trust.keyring.signing else "-",
+            )
+        else:
+            log.info(
+                "cluster: signing with key %s; accepting keys %s",
+                trust.keyring.signing.kid if trust.keyring.signing else "-",
+                ", ".join(sorted(trust.keyring.accepted)),
+            )
 
     # -- changes made here --------------------------------------------------
     def on_change(self, change: BanChange) -> None:
@@ -171,6 +273,22 @@ class ClusterSync:
             )
         self._save_state()
         self._wake.set()
+
+    def _outgoing(self, event: dict[str, Any]) -> Change:
+        """A queued change as it is published now: stamped, and signed when we have a key."""
+        change = Change(
+            node=self.config.node,
+            action=event["action"],
+            target=event["target"],
+            at=f"{time.time():.6f}",
+            nonce=new_nonce(),
+            record=event["record"],
+            signature=None,
+        )
+        key = self.trust.keyring.signing
+        if key is None:
+            return change
+        return dataclasses.replace(change, signature=sign(key, change.signed(self.keys.prefix)))
 
     # -- the sync loop ------------------------------------------------------
     async def _run(self) -> None:
@@ -244,17 +362,22 @@ class ClusterSync:
         count = 0
         while self.pending:
             event = self.pending[0]
+            change = self._outgoing(event)
             await script(
-                keys=[keys.ban(event["target"]), keys.index, keys.stream],
+                keys=[keys.ban(change.target), keys.index, keys.stream],
                 args=[
-                    event["action"],
-                    event["target"],
-                    event["record"],
+                    change.action,
+                    change.target,
+                    change.record,
+                    change.stored_value(),
                     event["expires_ms"],
                     int(time.time() * 1000),
+                    TOMBSTONE_TTL_MS,
                     self.config.stream_max,
-                    self.config.node,
-                    f"{time.time():.6f}",
+                    change.node,
+                    change.at,
+                    change.nonce,
+                    change.signature or "",
                 ],
             )
             self.pending.popleft()
@@ -304,51 +427,315 @@ class ClusterSync:
         self.epoch = None if epoch is None else str(epoch)
         return lost
 
+    # -- what is read from Redis: checked before anything is applied ---------
+    def _refuse(self, refused: Refused) -> None:
+        self.refused[(refused.kind, refused.reason)] += 1
+        detail = f"{refused.target or '-'}: {refused.detail}" if refused.target else refused.detail
+        self.refusals.refused(refused.kind, refused.origin, refused.reason, detail)
+
+    def _authentic(self, change: Change) -> Refusal | None:
+        """The signature and the publisher: None when this node may go on with it."""
+        trust = self.trust
+        if change.signature is None:
+            if not trust.unsigned_ok:
+                return UNSIGNED, (
+                    "no signature (a node without the cluster key, or not stockade); "
+                    "cluster.auth.accept_unsigned = true accepts them during a migration"
+                )
+        elif trust.signs:
+            why = verify(trust.keyring, change.signed(self.keys.prefix), change.signature)
+            if why == UNKNOWN_KEY:
+                kid = change.signature.split(".")[1] if "." in change.signature else "?"
+                return why, (
+                    f"signed with key id {shown_origin(kid)}, which this node does not hold "
+                    "(cluster.auth.key_file, accept_key_files)"
+                )
+            if why == BAD_TAG:
+                return why, "the signature does not match the content"
+            if why is not None:
+                return why, "the signature is not v1.<key id>.<tag>"
+        nodes = trust.auth.nodes
+        if nodes and change.node not in nodes:
+            return UNKNOWN_NODE, "the publisher is not in cluster.auth.nodes"
+        return None
+
+    def _admit(self, kind: str, change: Change, entry_ms: int | None = None) -> Incoming | Refused:
+        """Signature, publisher, origin and (for a stream event) freshness."""
+        origin = shown_origin(change.node)
+        target = shown_origin(change.target)
+
+        def refused(refusal: Refusal) -> Refused:
+            return Refused(kind, origin, target, *refusal)
+
+        problem = self._authentic(change)
+        if problem is not None:
+            return refused(problem)
+        if change.signature is not None and not change.nonce:
+            return refused((MALFORMED, "signed without a nonce"))
+        record = None
+        try:
+            if change.action == "ban":
+                record = parse_record(change.record)
+                if record.target != change.target:
+                    return refused((MALFORMED, "the record is for another target"))
+            nodes = self.trust.auth.nodes
+            if record is not None and nodes and record.node not in nodes:
+                return refused(
+                    (
+                        UNKNOWN_NODE,
+                        f"the ban's origin {shown_origin(record.node)} "
+                        "is not in cluster.auth.nodes",
+                    )
+                )
+            if entry_ms is not None:
+                window = self.trust.auth.replay_window
+                apart = abs(entry_ms / 1000 - change.time)
+                if apart > window:
+                    return refused(
+                        (
+                            REPLAYED,
+                            f"signed {apart:.0f}s away from when Redis took it (replay window "
+                            f"{window:g}s: a replay, or clocks out of sync)",
+                        )
+                    )
+                if change.nonce and not self.nonces.first_time(change.nonce):
+                    return refused((REPLAYED, "its nonce was seen before (a replay)"))
+        except MalformedChange as exc:
+            return refused((MALFORMED, str(exc)))
+        if change.signature is None and self.trust.signs:
+            self.unsigned_accepted += 1
+        return Incoming(change, record)
+
+    def _apply_one(self, incoming: Incoming) -> tuple[bool, Refusal | None]:
+        """On the worker thread: [cluster.accept], the local checks, then the change.
+        (changed, refusal)."""
+        change, record = incoming.change, incoming.record
+        accept = self.trust.accept
+        own = self.config.node
+        try:
+            if record is not None:
+                if record.source not in BAN_SOURCES:
+                    return False, (INVALID, f"unknown ban source {shown_origin(record.source)}")
+                if record.node != own and record.source not in accept.bans:
+                    return False, (
+                        NOT_ACCEPTED,
+                        f"{record.source} bans from other nodes are not accepted "
+                        "(cluster.accept.bans)",
+                    )
+                try:  # as its setter made it: the checks a ban made here gets
+                    self.service.check_remote_ban(as_ban(record, record.node))
+                except RemoteBanRefused as exc:
+                    return False, (ALLOWLISTED if exc.allowlisted else INVALID, str(exc))
+                return self._apply_ban(as_ban(record, own))
+            return self._apply_unban(parse_target(change.target), change.time)
+        except (TargetError, MalformedChange) as exc:
+            return False, (MALFORMED, str(exc))
+
+    def _apply_ban(self, ban: Ban) -> tuple[bool, Refusal | None]:
+        service = self.service
+        if ban.active(service.clock.wall()):
+            return service.apply_remote(ban), None
+        # Already over: it can only end an older copy of itself received from the cluster.
+        current = service.store.get_ban(ban.target)
+        if current is None or current.source != CLUSTER_SOURCE or current.created > ban.created:
+            return False, None
+        return service.remove_remote(ban.target), None
+
+    def _apply_unban(self, net: Network, at: float) -> tuple[bool, Refusal | None]:
+        service = self.service
+        current = service.store.get_ban(net)
+        if current is None:
+            return service.remove_remote(net), None  # the map alone may still hold it
+        refusal = self._unban_refusal(current, at)
+        if refusal is not None:
+            return False, refusal
+        return service.remove_remote(net), None
+
+    def _unban_refusal(self, current: Ban, at: float) -> Refusal | None:
+        unbans = self.trust.accept.unbans
+        if unbans == "none":
+            return NOT_ACCEPTED, "unbans from other nodes are not accepted (cluster.accept.unbans)"
+        if unbans == "received" and current.source != CLUSTER_SOURCE:
+            return NOT_ACCEPTED, (
+                f"it would lift this node's own {current.source} ban "
+                '(cluster.accept.unbans = "received")'
+            )
+        if at < current.created - CLOCK_SKEW:
+            return REPLAYED, "the unban is older than the ban it would lift"
+        return None
+
+    async def _apply(self, entries: list[Any]) -> int:
+        """Other nodes' events, checked here, applied in order on the worker thread."""
+        node = self.config.node
+        admitted: list[Incoming] = []
+        for entry_id, fields in entries:
+            if fields.get("n") == node:
+                continue  # ours, back from the stream
+            try:
+                change = change_from_entry(fields)
+            except MalformedChange as exc:
+                origin = shown_origin(fields.get("n", "?"))
+                self._refuse(Refused(EVENT, origin, "", MALFORMED, str(exc)))
+                continue
+            result = self._admit(EVENT, change, _stream_id(str(entry_id))[0])
+            if isinstance(result, Refused):
+                self._refuse(result)
+            else:
+                admitted.append(result)
+
+        def apply() -> tuple[int, list[Refused]]:
+            changed, refused = 0, []
+            for incoming in admitted:
+                done, refusal = self._apply_one(incoming)
+                changed += done
+                if refusal is not None:
+                    c = incoming.change
+                    refused.append(Refused(EVENT, shown_origin(c.node), c.target, *refusal))
+            return changed, refused
+
+        if admitted:
+            _changed, refused = await self.on_worker(apply)
+            for item in refused:
+                self._refuse(item)
+            with contextlib.suppress(MalformedChange):
+                self.lag = max(0.0, time.time() - admitted[-1].change.time)
+            self.received += len(admitted) - len(refused)
+        if entries:
+            self.last_id = str(entries[-1][0])
+        return len(admitted)
+
+    # -- resync from the durable record ---------------------------------------
+    async def _values(self, client: aioredis.Redis, targets: list[str]) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for start in range(0, len(targets), BATCH):
+            chunk = targets[start : start + BATCH]
+            got = await client.mget([self.keys.ban(t) for t in chunk])
+            values.update({t: str(v) for t, v in zip(chunk, got, strict=True) if v is not None})
+        return values
+
+    def _admit_value(self, kind: str, target: str, text: str) -> Incoming | Refused:
+        try:
+            change = change_from_value(text)
+        except MalformedChange as exc:
+            return Refused(kind, "?", shown_origin(target), MALFORMED, str(exc))
+        if change.target != target:
+            return Refused(
+                kind,
+                shown_origin(change.node),
+                shown_origin(target),
+                MALFORMED,
+                "stored under another target's key",
+            )
+        return self._admit(kind, change)
+
     async def _resync(self, client: aioredis.Redis, lost: bool) -> tuple[int, int, int]:
         """Make this node's bans equal the durable record (and publish ours it lacks);
         after a data loss, publish every ban this node has instead of lifting any."""
         now_ms = int(time.time() * 1000)
-        targets = await client.zrangebyscore(self.keys.index, f"({now_ms}", "+inf")
-        records: list[str] = []
-        for start in range(0, len(targets), BATCH):
-            chunk = targets[start : start + BATCH]
-            values = await client.mget([self.keys.ban(str(t)) for t in chunk])
-            records += [str(v) for v in values if v is not None]
-        node = self.config.node
+        targets = [
+            str(t) for t in await client.zrangebyscore(self.keys.index, f"({now_ms}", "+inf")
+        ]
+        records: list[Incoming] = []
+        for target, text in (await self._values(client, targets)).items():
+            result = self._admit_value(RECORD, target, text)
+            if isinstance(result, Refused):
+                self._refuse(result)
+            elif result.change.action == "ban":
+                records.append(result)
 
-        def apply() -> tuple[int, int, list[Ban]]:
-            wanted: dict[Any, Ban] = {}
-            for text in records:
-                try:
-                    ban = decode_ban(text, node)
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.error("cluster: skipped a ban record that does not parse: %s", exc)
-                    continue
-                wanted[ban.target] = ban
-            added = sum(1 for ban in wanted.values() if self.service.apply_remote(ban))
+        def apply() -> tuple[int, list[Refused], list[Ban]]:
+            added, refused = 0, []
+            wanted: set[Network] = set()
+            for incoming in records:
+                assert incoming.record is not None
+                with contextlib.suppress(TargetError):
+                    wanted.add(parse_target(incoming.record.target))
+                done, refusal = self._apply_one(incoming)
+                added += done
+                if refusal is not None:
+                    c = incoming.change
+                    refused.append(Refused(RECORD, shown_origin(c.node), c.target, *refusal))
+            missing = [b for b in self.service.active_bans() if b.target not in wanted]
+            return added, refused, missing
+
+        added, refused, missing = await self.on_worker(apply)
+        for item in refused:
+            self._refuse(item)
+        if lost:
+            ours = missing  # Redis lost them all: publish every ban this node has
             removed = 0
-            ours: list[Ban] = []
-            for ban in self.service.active_bans():
-                if ban.target in wanted:
-                    continue
-                if ban.source == CLUSTER_SOURCE and not lost:  # lifted while we were away
-                    removed += int(self.service.remove_remote(ban.target))
-                else:  # never published (Redis was away or lost it, or before cluster mode)
-                    ours.append(ban)
-            return added, removed, ours
-
-        added, removed, ours = await self.on_worker(apply)
+        else:
+            removed, ours = await self._settle_missing(client, missing)
         for ban in ours:
             event = {
                 "action": "ban",
                 "target": format_target(ban.target),
-                "record": encode_ban(ban, node),
+                "record": encode_ban(ban, self.config.node),
                 "expires_ms": expires_ms(ban),
             }
             self.pending.append(event)
         await self._drain(client)
         return added, removed, len(ours)
 
+    async def _settle_missing(
+        self, client: aioredis.Redis, missing: list[Ban]
+    ) -> tuple[int, list[Ban]]:
+        """Bans this node has and the record lacks: lifted when a signed unban (the
+        tombstone) newer than the ban says so; else a received ban is lifted only when
+        unsigned data is trusted (absence proves nothing: anyone who can write to Redis
+        can delete), and one of our own is published again. (lifted, to publish)"""
+        if not missing:
+            return 0, []
+        values = await self._values(client, [format_target(b.target) for b in missing])
+        unbans: dict[str, Change] = {}
+        for target, text in values.items():
+            result = self._admit_value(TOMBSTONE, target, text)
+            if isinstance(result, Refused):
+                self._refuse(result)
+            elif result.change.action == "unban":
+                unbans[target] = result.change
+        trust_absence = self.trust.unsigned_ok
+
+        def settle() -> tuple[int, int, list[Refused], list[Ban]]:
+            lifted = kept = 0
+            refused: list[Refused] = []
+            ours: list[Ban] = []
+            for ban in missing:
+                current = self.service.store.get_ban(ban.target)
+                if current is None or current.created != ban.created:
+                    continue  # changed on this node meanwhile
+                text = format_target(ban.target)
+                unban = unbans.get(text)
+                if unban is not None and unban.time >= ban.created - CLOCK_SKEW:
+                    refusal = self._unban_refusal(current, unban.time)
+                    if refusal is None:
+                        lifted += int(self.service.remove_remote(ban.target))
+                    else:
+                        refused.append(Refused(TOMBSTONE, shown_origin(unban.node), text, *refusal))
+                        if ban.source != CLUSTER_SOURCE:
+                            ours.append(ban)
+                elif ban.source != CLUSTER_SOURCE:
+                    ours.append(ban)  # never published (Redis was away), or deleted there
+                elif trust_absence and self.trust.accept.unbans != "none":
+                    lifted += int(self.service.remove_remote(ban.target))
+                else:
+                    kept += 1
+            return lifted, kept, refused, ours
+
+        lifted, kept, refused, ours = await self.on_worker(settle)
+        for item in refused:
+            self._refuse(item)
+        if kept:
+            self.kept_unconfirmed += kept
+            log.warning(
+                "cluster: kept %d bans received from other nodes that the shared record no "
+                "longer has, with no signed unban for them (deleted from Redis, or unbanned "
+                "longer ago than the tombstones last); `stockade unban` lifts one everywhere",
+                kept,
+            )
+        return lifted, ours
+
+    # -- the running connection -----------------------------------------------
     async def _read_loop(self, reader: aioredis.Redis, halt: asyncio.Event) -> None:
         cursor = self.last_id or "0-0"
         block_ms = int(READ_BLOCK * 1000)
@@ -359,32 +746,6 @@ class ClusterSync:
                 if entries:
                     await self._apply(entries)
                     cursor = str(entries[-1][0])
-
-    async def _apply(self, entries: list[Any]) -> int:
-        """Other nodes' events, applied in order on the worker thread."""
-        node = self.config.node
-        events = [(str(i), f) for i, f in entries if f.get("n") != node]
-
-        def apply() -> int:
-            changed = 0
-            for _id, fields in events:
-                try:
-                    if fields.get("a") == "ban":
-                        changed += int(self.service.apply_remote(decode_ban(fields["r"], node)))
-                    else:
-                        changed += int(self.service.remove_remote(parse_target(fields["t"])))
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.error("cluster: skipped an event that does not parse: %s", exc)
-            return changed
-
-        if events:
-            await self.on_worker(apply)
-            now = time.time()
-            with contextlib.suppress(KeyError, ValueError):
-                self.lag = max(0.0, now - float(events[-1][1]["at"]))
-            self.received += len(events)
-        self.last_id = str(entries[-1][0])
-        return len(events)
 
     async def _publish_loop(self, client: aioredis.Redis, halt: asyncio.Event) -> None:
         next_beat = time.monotonic() + self.config.heartbeat
@@ -398,22 +759,78 @@ class ClusterSync:
                 continue
             await _wait(self._wake, max(0.0, next_beat - time.monotonic()))
 
+    def _heartbeat_value(self, now: float) -> str:
+        body = json.dumps(
+            {"at": now, "last_id": self.last_id, "lag": self.lag}, separators=(",", ":")
+        )
+        at = f"{now:.6f}"
+        data: dict[str, Any] = {"v": 1, "h": body, "at": at}
+        key = self.trust.keyring.signing
+        if key is not None:
+            signed = Signed(self.keys.prefix, self.config.node, "alive", "", at, "", body)
+            data["sig"] = sign(key, signed)
+        return json.dumps(data, separators=(",", ":"))
+
+    def _peer(self, name: str, text: str) -> Peer | Refused:
+        try:
+            data = json.loads(text)
+            if isinstance(data, dict) and "h" in data:  # signed (or unsigned) envelope
+                body, at, signature = str(data["h"]), str(data["at"]), data.get("sig")
+            else:  # from a stockade before cluster authentication
+                body, at, signature = text, "", None
+            change = Change(name, "alive", "", at, "", body, None)
+            if signature is not None:
+                change = dataclasses.replace(change, signature=str(signature))
+            problem = self._authentic(change)
+            if problem is not None:
+                return Refused(HEARTBEAT, shown_origin(name), "", *problem)
+            beat = json.loads(body)
+            return Peer(name, float(beat["at"]), beat.get("lag"))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            return Refused(HEARTBEAT, shown_origin(name), "", MALFORMED, repr(exc)[:200])
+
     async def _heartbeat(self, client: aioredis.Redis) -> None:
+        """Say we are alive, read the peers, and check the epoch: a Redis emptied while we
+        are connected (FLUSHALL, a failover to an empty replica) shows here within one
+        heartbeat, and is made whole again at once, on this connection."""
         now = time.time()
-        mine = {"at": now, "last_id": self.last_id, "lag": self.lag}
-        await client.hset(self.keys.nodes, self.config.node, json.dumps(mine))
-        raw = await client.hgetall(self.keys.nodes)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.epoch)
+            pipe.hset(self.keys.nodes, self.config.node, self._heartbeat_value(now))
+            pipe.hgetall(self.keys.nodes)
+            epoch, _, raw = await pipe.execute()
+        if self.epoch is not None and epoch != self.epoch:
+            await self._record_lost(client, epoch)
         peers: dict[str, Peer] = {}
         for name, text in raw.items():
             if name == self.config.node:
                 continue
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                data = json.loads(text)
-                peers[str(name)] = Peer(str(name), float(data["at"]), data.get("lag"))
+            result = self._peer(str(name), str(text))
+            if isinstance(result, Refused):
+                self._refuse(result)
+            else:
+                peers[result.node] = result
         self.peers = peers
         self.last_sync = now
+        self.refusals.flush()
         if self.last_id != self._saved_id:
             self._save_state()
+
+    async def _record_lost(self, client: aioredis.Redis, epoch: str | None) -> None:
+        """Publish every ban this node has, as after a Redis restart without its data.
+        (The read loop goes on meanwhile: the worker thread orders both.)"""
+        self.record_losses += 1
+        was = self.epoch
+        await self._check_epoch(client)  # the new epoch (ours, or another node's); logs
+        added, _removed, published = await self._resync(client, lost=True)
+        log.warning(
+            "cluster: the shared ban record was lost while connected (epoch %s, now %s): "
+            "%d bans of this node published again, %d added here",
+            was,
+            epoch or "missing",
+            published,
+            added,
+        )
 
     # -- state --------------------------------------------------------------
     def _connected(
@@ -485,6 +902,10 @@ class ClusterSync:
 
     def status(self) -> dict[str, Any]:
         now = time.time()
+        trust = self.trust
+        refused: dict[str, dict[str, int]] = {}
+        for (kind, reason), count in sorted(self.refused.items()):
+            refused.setdefault(kind, {})[reason] = count
         return {
             "backend": "redis",
             "node": self.config.node,
@@ -506,6 +927,15 @@ class ClusterSync:
             "published": self.published,
             "received": self.received,
             "last_error": self.last_error,
+            "auth": {
+                "mode": "off" if not trust.signs else "migration" if trust.unsigned_ok else "on",
+                "key_id": trust.keyring.signing.kid if trust.keyring.signing else None,
+                "accepted_key_ids": sorted(trust.keyring.accepted),
+            },
+            "refused": refused,
+            "unsigned_accepted": self.unsigned_accepted,
+            "record_losses": self.record_losses,
+            "kept_unconfirmed": self.kept_unconfirmed,
         }
 
 
@@ -524,4 +954,9 @@ def embedded_status(node: str) -> dict[str, Any]:
         "published": 0,
         "received": 0,
         "last_error": None,
+        "auth": None,
+        "refused": {},
+        "unsigned_accepted": 0,
+        "record_losses": 0,
+        "kept_unconfirmed": 0,
     }

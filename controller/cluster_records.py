@@ -1,19 +1,32 @@
 """How bans live in Redis: the durable record, its index, the event stream, and the codec.
 
-    {prefix}ban:{target}   STRING  the ban as JSON; PEXPIREAT its expiry (Redis drops it)
+    {prefix}ban:{target}   STRING  JSON: for a ban, the ban record's own fields (what
+                                   a stockade before cluster authentication reads)
+                                   and, under "envelope", the signed change a node
+                                   reads now (a = action, t = target, n = publishing
+                                   node, r = ban record, at = publish time, nc = nonce,
+                                   sig = signature); PEXPIREAT its expiry (Redis drops
+                                   it). For an unban: the envelope alone, a tombstone
+                                   kept TOMBSTONE_TTL_MS, so that a node that missed
+                                   the event still finds a signed unban
     {prefix}bans           ZSET    target -> expiry in ms (+inf = permanent): the index
                                    a resync reads; expired members are pruned on write
-    {prefix}ban-events     STREAM  one entry per ban or unban: a = action, t = target,
-                                   n = node, r = record (JSON), at = publish time;
+    {prefix}ban-events     STREAM  one entry per ban or unban, the envelope's fields;
                                    trimmed to about stream_max entries
-    {prefix}nodes          HASH    node -> JSON {at, last_id, lag}: peers and their lag
+    {prefix}nodes          HASH    node -> signed JSON {at, last_id, lag}: peers and lag
     {prefix}epoch          STRING  a random id set by the first node to find it missing:
-                                   when it changes, Redis lost its data (restarted without
-                                   persistence) and every node publishes all its bans again
+                                   when it changes (checked on every heartbeat), Redis
+                                   lost its data and every node publishes all its bans again
 
 One Lua script writes the record, the index and the stream entry together,
 so a node that reads the stream never sees an event without its record, and
-a resync never misses a ban whose event it skipped.
+a resync never misses a ban whose event it skipped. The signature
+(cluster_auth.py) is made by the publisher before the script runs and covers
+every field of the envelope, the ban record whole.
+
+A node without a key (insecure_unauthenticated) writes the same without
+sig; a stockade before cluster authentication wrote the bare ban record and
+stream entries without nc and sig. All of these read as unsigned.
 """
 
 from __future__ import annotations
@@ -22,17 +35,23 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from stockade.controller.cluster_auth import Signed
 from stockade.controller.store import Ban
 from stockade.targets import format_target, parse_target
 
 CLUSTER_SOURCE = "cluster"  # the local store's source for bans another node made
 MAX_REASON = 200
+ENVELOPE_VERSION = 1
+TOMBSTONE_TTL_MS = 7 * 86400 * 1000  # how long Redis keeps a signed unban for resyncs
+MAX_VALUE = 16384  # bytes of a record or event field a node reads; longer is refused
 
+# KEYS: record, index, stream. ARGV: action, target, record, envelope, expires_ms,
+# now_ms, tombstone_ms, stream_max, node, at, nonce, sig ("" when unsigned).
 PUBLISH_SCRIPT = """
-local action, target, record = ARGV[1], ARGV[2], ARGV[3]
-local expires_ms, now_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
+local action, target, record, envelope = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local expires_ms, now_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
 if action == 'ban' then
-  redis.call('SET', KEYS[1], record)
+  redis.call('SET', KEYS[1], envelope)
   if expires_ms > 0 then
     redis.call('PEXPIREAT', KEYS[1], expires_ms)
     redis.call('ZADD', KEYS[2], expires_ms, target)
@@ -40,13 +59,183 @@ if action == 'ban' then
     redis.call('ZADD', KEYS[2], '+inf', target)
   end
 else
-  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], envelope, 'PX', ARGV[7])
   redis.call('ZREM', KEYS[2], target)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. now_ms)
-return redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*',
-  'a', action, 't', target, 'n', ARGV[7], 'r', record, 'at', ARGV[8])
+local fields = {'a', action, 't', target, 'n', ARGV[9], 'r', record, 'at', ARGV[10],
+  'nc', ARGV[11]}
+if ARGV[12] ~= '' then
+  fields[#fields + 1] = 'sig'
+  fields[#fields + 1] = ARGV[12]
+end
+return redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
 """
+
+
+class MalformedChange(ValueError):
+    """A record, tombstone or stream entry read from Redis that does not parse."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One ban or unban as published: what a stream entry and a durable record hold."""
+
+    node: str  # the publisher
+    action: str  # "ban" or "unban"
+    target: str
+    at: str  # publish time, wall-clock seconds as text
+    nonce: str
+    record: str  # the ban record JSON; "" for an unban
+    signature: str | None  # None: unsigned
+
+    def signed(self, prefix: str) -> Signed:
+        return Signed(prefix, self.node, self.action, self.target, self.at, self.nonce, self.record)
+
+    def stored_value(self) -> str:
+        """The durable record's value: the ban record's own fields, which a stockade from
+        before cluster authentication reads (it ignores the rest), and the signed envelope
+        under "envelope", which is all a node reads now. An unban: the envelope alone."""
+        envelope: dict[str, Any] = {
+            "v": ENVELOPE_VERSION,
+            "a": self.action,
+            "t": self.target,
+            "n": self.node,
+            "at": self.at,
+            "nc": self.nonce,
+            "r": self.record,
+        }
+        if self.signature is not None:
+            envelope["sig"] = self.signature
+        data: dict[str, Any] = json.loads(self.record) if self.record else {}
+        data["envelope"] = envelope
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+    @property
+    def time(self) -> float:
+        try:
+            return float(self.at)
+        except ValueError:
+            raise MalformedChange(f"publish time {self.at[:40]!r} is not a number") from None
+
+
+def _text(data: dict[str, Any], key: str, required: bool = True) -> str:
+    value = data.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedChange(f"field {key!r} is missing or not text")
+    if len(value) > MAX_VALUE:
+        raise MalformedChange(f"field {key!r} is over {MAX_VALUE} bytes")
+    return value
+
+
+def _check(change: Change) -> Change:
+    if change.action not in ("ban", "unban"):
+        raise MalformedChange(f"action {change.action[:20]!r}")
+    if (change.action == "ban") != bool(change.record):
+        raise MalformedChange("a ban needs a record, an unban has none")
+    return change
+
+
+def change_from_entry(fields: dict[str, Any]) -> Change:
+    """A stream entry's fields."""
+    signature = fields.get("sig")
+    return _check(
+        Change(
+            node=_text(fields, "n"),
+            action=_text(fields, "a"),
+            target=_text(fields, "t"),
+            at=_text(fields, "at"),
+            nonce=_text(fields, "nc", required=False),
+            record=_text(fields, "r", required=False),
+            signature=None if signature is None else _text(fields, "sig"),
+        )
+    )
+
+
+def change_from_value(text: str) -> Change:
+    """A durable record's value: its envelope, or a bare ban record (unsigned)."""
+    if len(text) > 3 * MAX_VALUE:
+        raise MalformedChange(f"over {3 * MAX_VALUE} bytes")
+    try:
+        outer = json.loads(text)
+    except ValueError as exc:
+        raise MalformedChange(f"not JSON: {exc}") from None
+    if not isinstance(outer, dict):
+        raise MalformedChange("not a JSON object")
+    if "envelope" not in outer:  # written by a stockade before cluster authentication
+        record = parse_record(text)
+        return Change(record.node, "ban", record.target, "", "", text, None)
+    data = outer["envelope"]
+    if not isinstance(data, dict) or data.get("v") != ENVELOPE_VERSION:
+        raise MalformedChange("the envelope is not a version 1 object")
+    signature = data.get("sig")
+    return _check(
+        Change(
+            node=_text(data, "n"),
+            action=_text(data, "a"),
+            target=_text(data, "t"),
+            at=_text(data, "at"),
+            nonce=_text(data, "nc", required=False),
+            record=_text(data, "r", required=False),
+            signature=None if signature is None else _text(data, "sig"),
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Record:
+    """A ban record as its setter published it (before this node makes it its own)."""
+
+    target: str
+    reason: str
+    source: str
+    node: str  # the node that set the ban first
+    created: float
+    expires: float | None
+    rule: str | None
+    details: dict[str, Any]
+
+
+def parse_record(text: str) -> Record:
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise MalformedChange("the ban record is not a JSON object")
+        expires = data.get("expires")
+        rule = data.get("rule")
+        details = data.get("details") or {}
+        if not isinstance(details, dict):
+            raise MalformedChange("the ban record's details are not an object")
+        fields = [data["target"], data["reason"], data["source"], data["node"]]
+        if not all(isinstance(f, str) for f in fields) or not (
+            rule is None or isinstance(rule, str)
+        ):
+            raise MalformedChange("the ban record has a field that is not text")
+        return Record(
+            target=data["target"],
+            reason=data["reason"],
+            source=data["source"],
+            node=data["node"],
+            created=_number(data["created"]),
+            expires=None if expires is None else _number(expires),
+            rule=rule,
+            details=details,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, MalformedChange):
+            raise
+        raise MalformedChange(f"the ban record does not parse: {exc!r}"[:200]) from None
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedChange(f"{str(value)[:20]!r} is not a number")
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise MalformedChange("a time is not finite")
+    return number
 
 
 @dataclass(frozen=True)
@@ -114,27 +303,33 @@ def _own_details(ban: Ban) -> dict[str, Any] | None:
 def decode_ban(text: str | bytes, own_node: str) -> Ban:
     """A record as this node stores it: source "cluster" when another node set it,
     with the original setter in the reason and in details.cluster."""
-    data = json.loads(text)
-    target = parse_target(str(data["target"]))
-    reason, source, node = str(data["reason"]), str(data["source"]), str(data["node"])
-    created = float(data["created"])
-    expires = None if data.get("expires") is None else float(data["expires"])
-    rule = data.get("rule")
-    details = data.get("details") or {}
-    if node == own_node:  # our own ban, as we published it
+    return as_ban(parse_record(text if isinstance(text, str) else text.decode()), own_node)
+
+
+def as_ban(record: Record, own_node: str) -> Ban:
+    target = parse_target(record.target)
+    details = record.details
+    if record.node == own_node:  # our own ban, as we published it
         text_details = json.dumps(details, separators=(",", ":"), sort_keys=True)
         return Ban(
-            target, reason, source, created, expires, rule, text_details if details else None
+            target,
+            record.reason,
+            record.source,
+            record.created,
+            record.expires,
+            record.rule,
+            text_details if details else None,
         )
-    details = {**details, "cluster": {"node": node, "source": source, "reason": reason}}
-    shown = f"{reason} (from {node}, {source})"
+    origin = {"node": record.node, "source": record.source, "reason": record.reason}
+    details = {**details, "cluster": origin}
+    shown = f"{record.reason} (from {record.node}, {record.source})"
     return Ban(
         target,
         shown[:MAX_REASON],
         CLUSTER_SOURCE,
-        created,
-        expires,
-        None if rule is None else str(rule),
+        record.created,
+        record.expires,
+        record.rule,
         json.dumps(details, separators=(",", ":"), sort_keys=True),
     )
 

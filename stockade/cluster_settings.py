@@ -8,6 +8,15 @@ node = "edge-1"                       # default: the host name
 expected_nodes = 3                    # cluster limits fall back to limit / this
 on_redis_down = "local"               # local, open or closed (limits, quotas, anomaly)
 
+[cluster.auth]                        # what a node trusts from Redis (docs/cluster.md)
+key_file = "/etc/stockade/cluster.key"   # HMAC key every node holds; required with redis
+accept_key_files = []                 # key rotation: also accepted, never used to sign
+nodes = ["edge-1", "edge-2"]          # who may publish ([] = any holder of the key)
+
+[cluster.accept]                      # which of the other nodes' changes this node applies
+bans = ["cli", "proxy", "rule", "kernel"]
+unbans = "any"                        # any, received (only bans from the cluster) or none
+
 An absent section, or backend = "embedded", keeps everything on the node
 (SQLite and shared memory) and needs no server.
 """
@@ -29,6 +38,12 @@ SCOPES = ("local", "cluster")
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _SCHEMES = ("redis", "rediss", "unix")
+# The sources of another node's ban that a node can choose to apply ([cluster.accept] bans).
+BAN_SOURCES = ("cli", "proxy", "rule", "kernel")  # kernel: rebuilt from the maps
+# Which unbans from other nodes a node applies: every one, only those lifting a ban that
+# came from the cluster (never one of this node's own), or none.
+UNBAN_POLICIES = ("any", "received", "none")
+MAX_REPLAY_WINDOW = 3600.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,32 @@ class ClusterTls:
     cert_file: Path | None = None  # a client certificate, when Redis asks for one
     key_file: Path | None = None
     check_hostname: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterAuth:
+    """How ban events, ban records and heartbeats in Redis are authenticated
+    (controller/cluster_auth.py). The keys are read by the controller at start and
+    on reload, not here: the proxy shares this file and must not need them."""
+
+    key_file: Path | None = None  # signs and verifies (HMAC-SHA256)
+    accept_key_files: tuple[Path, ...] = ()  # verify only: a key being rotated in or out
+    nodes: tuple[str, ...] = ()  # node names allowed to publish; () = any holder of the key
+    replay_window: float = 30.0  # an event's signed time vs its stream entry's time
+    accept_unsigned: bool = False  # migration only: apply unsigned data (still validated)
+    insecure_unauthenticated: bool = False  # no key at all: everything in Redis is trusted
+
+    @property
+    def enabled(self) -> bool:
+        return self.key_file is not None
+
+
+@dataclass(frozen=True)
+class ClusterAccept:
+    """Which changes made on other nodes this node applies."""
+
+    bans: tuple[str, ...] = BAN_SOURCES
+    unbans: str = "any"
 
 
 @dataclass(frozen=True)
@@ -54,6 +95,8 @@ class ClusterConfig:
     stream_max: int = 100_000  # ban events kept in the stream (a node's catch-up horizon)
     heartbeat: float = 1.0  # how often a node says it is alive (peers, lag)
     tls: ClusterTls = field(default_factory=ClusterTls)
+    auth: ClusterAuth = field(default_factory=ClusterAuth)
+    accept: ClusterAccept = field(default_factory=ClusterAccept)
 
     @property
     def enabled(self) -> bool:
@@ -109,7 +152,7 @@ def _url(section: Section) -> str:
         except ValueError:
             raise ConfigError(f"{section.key('url')}: invalid port in {redact(url)!r}") from None
         db = parts.path.strip("/")
-        if db and not db.isdigit():
+        if db and not (db.isascii() and db.isdigit()):  # str.isdigit takes any script's
             raise ConfigError(f"{section.key('url')}: the path must be a database number")
     return url
 
@@ -146,6 +189,84 @@ def _tls(section: Section) -> ClusterTls:
         raise ConfigError(f"{section.name}: give both cert_file and key_file, or neither")
     section.finish()
     return tls
+
+
+def _names(section: Section, key: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    values = section.get(key, list, None)
+    if values is None:
+        return allowed or ()
+    out: list[str] = []
+    for value in values:
+        if not isinstance(value, str):
+            raise ConfigError(f"{section.key(key)}: {value!r} is not a string")
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{section.key(key)}: {value!r}; use {', '.join(allowed)}")
+        if allowed is None and not _NODE.fullmatch(value):
+            raise ConfigError(f"{section.key(key)}: {value!r} is not a valid node name")
+        if value not in out:
+            out.append(value)
+    return tuple(out)
+
+
+def _auth(section: Section, backend: str, node: str) -> ClusterAuth:
+    d = ClusterAuth()
+    key_file = _optional_path(section, "key_file")
+    accepted = []
+    for text in section.get("accept_key_files", list, []):
+        if not isinstance(text, str) or not text.startswith("/"):
+            raise ConfigError(
+                f"{section.key('accept_key_files')}: {text!r} is not an absolute path"
+            )
+        accepted.append(Path(text))
+    auth = ClusterAuth(
+        key_file=key_file,
+        accept_key_files=tuple(accepted),
+        nodes=_names(section, "nodes"),
+        replay_window=section.duration("replay_window", d.replay_window),
+        accept_unsigned=section.get("accept_unsigned", bool, d.accept_unsigned),
+        insecure_unauthenticated=section.get(
+            "insecure_unauthenticated", bool, d.insecure_unauthenticated
+        ),
+    )
+    section.finish()
+    if not 1.0 <= auth.replay_window <= MAX_REPLAY_WINDOW:
+        raise ConfigError(f"{section.key('replay_window')}: between 1s and 1h")
+    if auth.insecure_unauthenticated and auth.enabled:
+        raise ConfigError(
+            f"{section.name}: key_file and insecure_unauthenticated = true together; "
+            "remove insecure_unauthenticated (the key is used)"
+        )
+    if not auth.enabled and (auth.accept_key_files or auth.accept_unsigned):
+        raise ConfigError(
+            f"{section.name}: accept_key_files and accept_unsigned need a key_file "
+            "(this node's own key)"
+        )
+    if backend != "redis":
+        return auth
+    if not auth.enabled and not auth.insecure_unauthenticated:
+        raise ConfigError(
+            f'{section.key("key_file")}: required with backend = "redis": without it any '
+            "client that can write to Redis can ban or unban on every node. Create one "
+            "(umask 077; openssl rand -hex 32 > /etc/stockade/cluster.key), copy it to "
+            "every node, or set insecure_unauthenticated = true to trust everything in "
+            "Redis (docs/cluster.md, Trust model)"
+        )
+    if auth.nodes and node not in auth.nodes:
+        raise ConfigError(
+            f"{section.key('nodes')}: this node ({node!r}) is not in the list; add it, "
+            "or the others refuse what it publishes"
+        )
+    return auth
+
+
+def _accept(section: Section) -> ClusterAccept:
+    d = ClusterAccept()
+    unbans = section.get("unbans", str, d.unbans)
+    if unbans not in UNBAN_POLICIES:
+        raise ConfigError(f"{section.key('unbans')}: {unbans!r}; use {', '.join(UNBAN_POLICIES)}")
+    accept = ClusterAccept(bans=_names(section, "bans", BAN_SOURCES), unbans=unbans)
+    section.finish()
+    return accept
 
 
 def parse_cluster(section: Section) -> ClusterConfig:
@@ -188,6 +309,8 @@ def parse_cluster(section: Section) -> ClusterConfig:
         stream_max=section.integer("stream_max", d.stream_max, 1000, 100_000_000),
         heartbeat=section.duration("heartbeat", d.heartbeat),
         tls=tls,
+        auth=_auth(section.subsection("auth"), backend, node),
+        accept=_accept(section.subsection("accept")),
     )
     if config.retry_interval > 60 or config.heartbeat > 60:
         raise ConfigError(f"{section.name}: retry_interval and heartbeat are at most 60s")

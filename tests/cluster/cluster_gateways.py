@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from aiohttp import web
+from cluster_nodes import cluster_key
 
 from stockade.clock import SystemClock
 from stockade.config import parse_config
@@ -47,6 +48,7 @@ def proxy_config(
 ) -> ProxyConfig:
     """A gateway config with [cluster] on `redis_url` and `extra` TOML for [proxy.*]."""
     home.mkdir(parents=True, exist_ok=True)
+    key = cluster_key(home.parent)  # the proxy does not read it; the config names it
     text = f"""
 [cluster]
 backend = "redis"
@@ -56,6 +58,8 @@ timeout = "300ms"
 retry_interval = "500ms"
 expected_nodes = 3
 {cluster}
+[cluster.auth]
+key_file = "{key}"
 [proxy]
 access_log = "{home / "access.log"}"
 status_dir = "{home / "status"}"

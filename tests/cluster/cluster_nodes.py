@@ -1,12 +1,15 @@
 """Controller-side cluster nodes without a kernel: BanService on dry-run maps + ClusterSync.
 
 Each node has its own store, maps and single worker thread, as a controller
-has, and syncs through a real Redis.
+has, and syncs through a real Redis. Every node signs with one cluster key
+(written 0600 next to the nodes' homes) unless the test says otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,14 +17,31 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stockade.clock import SystemClock
-from stockade.cluster_settings import ClusterConfig
+from stockade.cluster_settings import ClusterAuth, ClusterConfig
 from stockade.controller.cluster import ClusterSync
+from stockade.controller.cluster_auth import trust_from_config
 from stockade.controller.maps import DryRunMaps
 from stockade.controller.service import BanService
 from stockade.controller.store import BanStore
 from stockade.targets import parse_target
 
 T = TypeVar("T")
+
+
+def write_key(path: Path, secret: str | None = None) -> Path:
+    """A cluster key file as an operator makes one (umask 077; openssl rand -hex 32)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write((secret or secrets.token_hex(32)) + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def cluster_key(home: Path) -> Path:
+    """The key every node under `home` shares (made on first use)."""
+    path = home / "cluster.key"
+    return path if path.exists() else write_key(path)
 
 
 def cluster_config(url: str, node: str, **extra: Any) -> ClusterConfig:
@@ -41,6 +61,7 @@ class Node:
     def __init__(self, home: Path, name: str, url: str, **extra: Any) -> None:
         self.home = home / name
         self.name = name
+        extra.setdefault("auth", ClusterAuth(key_file=cluster_key(home)))
         self.config = cluster_config(url, name, **extra)
         self.store = BanStore(self.home / "bans.db")
         self.maps = DryRunMaps()
@@ -55,6 +76,7 @@ class Node:
             self.service,
             lambda fn: loop.run_in_executor(self.worker, fn),
             self.home,
+            trust_from_config(self.config),
         )
 
     async def start(self) -> None:

@@ -76,7 +76,11 @@ def test_ban_and_unban_reach_every_node_once(tmp_path: Path, redis_server: Redis
         await asyncio.sleep(0.3)  # nothing echoes: one event per change, ever
         assert [sync_of(n).published for n in nodes] == [1, 0, 1]
         assert direct(redis_server).xlen(Keys("stockade:").stream) == 2
-        assert not direct(redis_server).exists(Keys("stockade:").ban(X))
+        keys = Keys("stockade:")
+        tombstone = json.loads(direct(redis_server).get(keys.ban(X)))  # a signed unban, kept
+        assert tombstone["envelope"]["a"] == "unban" and tombstone["envelope"]["n"] == "c"
+        assert direct(redis_server).pttl(keys.ban(X)) > 0
+        assert direct(redis_server).zscore(keys.index, X) is None
 
     run_nodes(tmp_path, redis_server.url(), body)
 

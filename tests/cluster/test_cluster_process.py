@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster_nodes import cluster_key
+
 from stockade.lab.redis_server import RedisServer, free_port
 
 
@@ -18,6 +20,8 @@ def test_proxy_refuses_to_start_with_a_wrong_redis_password(
 [cluster]
 backend = "redis"
 url = "{redis_server.url(password="not-it-7")}"
+[cluster.auth]
+key_file = "{cluster_key(tmp_path)}"
 [proxy]
 status_dir = "{tmp_path / "status"}"
 metrics_dir = "{tmp_path / "metrics"}"
@@ -64,6 +68,8 @@ enabled = false
 [cluster]
 backend = "redis"
 url = "{redis_server.url(password="not-it-7")}"
+[cluster.auth]
+key_file = "{cluster_key(tmp_path)}"
 """
     )
     result = subprocess.run(

@@ -9,6 +9,8 @@ network namespace).
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -36,7 +38,7 @@ class Node:
     ctl: RunningController
 
 
-def cluster_section(name: str, url: str) -> str:
+def cluster_section(name: str, url: str, key: Path) -> str:
     return (
         "[cluster]\n"
         'backend = "redis"\n'
@@ -44,11 +46,23 @@ def cluster_section(name: str, url: str) -> str:
         f'node = "{name}"\n'
         'heartbeat = "250ms"\n'
         'retry_interval = "250ms"\n'
+        "[cluster.auth]\n"
+        f'key_file = "{key}"\n'
     )
 
 
+def write_cluster_key(path: Path) -> Path:
+    """The key the nodes sign ban events with: 0600, as the controller requires."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32) + "\n")
+    return path
+
+
 @contextmanager
-def cluster_controller(tmp: Path, name: str, lab: Lab, url: str) -> Iterator[RunningController]:
+def cluster_controller(
+    tmp: Path, name: str, lab: Lab, url: str, key: Path
+) -> Iterator[RunningController]:
     """`stockade controller run` on the lab's gateway, in cluster mode."""
     home = tmp / name
     home.mkdir()
@@ -56,7 +70,7 @@ def cluster_controller(tmp: Path, name: str, lab: Lab, url: str) -> Iterator[Run
     config_path = home / "stockade.toml"
     write_config(config_path, home, pin_root, lab.gateway_ns, lab.gateway_if, mode="native")
     with config_path.open("a") as out:
-        out.write(cluster_section(name, url))
+        out.write(cluster_section(name, url, key))
     log_path = home / "controller.log"
     proc = start(config_path, log_path)
     ctl = RunningController(config_path, home / "control.sock", pin_root / "v1", log_path, proc)
@@ -75,9 +89,10 @@ def cluster_controller(tmp: Path, name: str, lab: Lab, url: str) -> Iterator[Run
 
 @contextmanager
 def cluster_of_three(tmp: Path, labs: list[Lab], redis: RedisServer) -> Iterator[list[Node]]:
+    key = write_cluster_key(tmp / "cluster.key")
     with ExitStack() as stack:
         nodes = []
         for name, lab in zip(("a", "b", "c"), labs, strict=True):
-            ctl = stack.enter_context(cluster_controller(tmp, name, lab, redis.url()))
+            ctl = stack.enter_context(cluster_controller(tmp, name, lab, redis.url(), key))
             nodes.append(Node(name, lab, ctl))
         yield nodes

@@ -8,18 +8,26 @@ were made must all end with every gateway agreeing.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import os
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
-from cluster_lab_nodes import Node, cluster_of_three
+import redis
+from cluster_lab_nodes import Node, cluster_of_three, write_cluster_key
 from controller_harness import can_ping, restart, stop
 
+from stockade.controller.cluster_auth import ClusterKey, load_key, new_nonce, sign
+from stockade.controller.cluster_records import Change, Keys, encode_ban
+from stockade.controller.store import Ban
 from stockade.lab import topology
 from stockade.lab.redis_server import RedisServer, running_redis
+from stockade.targets import parse_target
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 
@@ -146,3 +154,100 @@ def test_the_controller_log_says_when_it_is_degraded(nodes: list[Node]) -> None:
     assert "unreachable" in log and "degraded" in log  # from the test before
     assert "back on Redis" in log
 
+
+# -- the trust model, with the kernel -------------------------------------------------
+
+
+def cluster_key_of(node: Node) -> ClusterKey:
+    config = tomllib.loads(node.ctl.config_path.read_text())
+    return load_key(Path(config["cluster"]["auth"]["key_file"]), "test")
+
+
+def forge(redis_server: RedisServer, made: Change) -> None:
+    """XADD straight into the stream, as anyone with the Redis password can."""
+    client = redis.Redis(
+        unix_socket_path=str(redis_server.socket_path), password=redis_server.password
+    )
+    fields = {"a": made.action, "t": made.target, "n": made.node, "r": made.record, "at": made.at}
+    fields["nc"] = made.nonce
+    if made.signature is not None:
+        fields["sig"] = made.signature
+    try:
+        client.xadd(Keys("stockade:").stream, fields)  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+
+def refused_events(node: Node) -> dict[str, int]:
+    refused: dict[str, int] = node.ctl.api("status")["cluster"]["refused"].get("event", {})
+    return refused
+
+
+def test_forged_events_change_no_kernel_map(nodes: list[Node], redis_for_labs: RedisServer) -> None:
+    a, b, c = nodes
+    a.ctl.cli("ban", C4, "--reason", "real")
+    wait(lambda: all(C4 in banned_in(n) for n in nodes), 1.0, "the real ban everywhere")
+    before = {n.name: (banned_in(n), refused_events(n)) for n in nodes}
+    key = cluster_key_of(a)
+    now = time.time()
+    everything = encode_ban(Ban(parse_target("0.0.0.0/0"), "forged", "cli", now, now + 60), "a")
+    signed = Change("a", "ban", "0.0.0.0/0", f"{now:.6f}", new_nonce(), everything, None)
+    signed = dataclasses.replace(signed, signature=sign(key, signed.signed("stockade:")))
+    forge(redis_for_labs, signed)  # a valid tag, from a node of the cluster: still a /0
+    one = encode_ban(Ban(parse_target(C1), "forged", "cli", now, now + 60), "mallory")
+    forge(redis_for_labs, Change("mallory", "ban", C1, f"{now:.6f}", new_nonce(), one, None))
+    forge(redis_for_labs, Change("a", "unban", C4, f"{now:.6f}", new_nonce(), "", None))
+    for node in (b, c):
+        wait(
+            lambda node=node: (
+                sum(refused_events(node).values()) >= sum(before[node.name][1].values()) + 3
+            ),
+            2.0,
+            f"{node.name} refused the three",
+        )
+        counts = refused_events(node)
+        assert counts.get("invalid", 0) == before[node.name][1].get("invalid", 0) + 1
+        assert counts.get("unsigned", 0) == before[node.name][1].get("unsigned", 0) + 2
+    for node in nodes:
+        assert banned_in(node) == before[node.name][0]  # the kernel's bans did not move
+        assert not dropped(node, C1) and dropped(node, C4)
+    a.ctl.cli("unban", C4)
+    wait(lambda: all(not dropped(n, C4) for n in nodes), 1.0, "the real unban everywhere")
+
+
+def test_reload_rotates_the_cluster_key_without_a_restart(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    old = tomllib.loads(nodes[0].ctl.config_path.read_text())["cluster"]["auth"]["key_file"]
+    new = write_cluster_key(tmp_path / "new.key")
+    pids = [n.ctl.proc.pid for n in nodes]
+
+    def use(node: Node, auth: str) -> None:
+        text = node.ctl.config_path.read_text()
+        start = text.index("[cluster.auth]\n")
+        node.ctl.config_path.write_text(text[:start] + "[cluster.auth]\n" + auth)
+        node.ctl.cli("reload")
+
+    def key_id(node: Node) -> str:
+        kid: str = node.ctl.api("status")["cluster"]["auth"]["key_id"]
+        return kid
+
+    first = key_id(nodes[0])
+    for node in nodes:  # step 1: accept the new key
+        use(node, f'key_file = "{old}"\naccept_key_files = ["{new}"]\n')
+    for node in nodes:  # step 2: sign with it, accept the old one
+        use(node, f'key_file = "{new}"\naccept_key_files = ["{old}"]\n')
+    assert key_id(nodes[0]) != first and len({key_id(n) for n in nodes}) == 1
+    a, b, c = nodes
+    a.ctl.cli("ban", C3)
+    wait(lambda: C3 in banned_in(b) and C3 in banned_in(c), 1.0, "a ban signed with the new key")
+    os.chmod(new, 0o644)  # a key file others may read: refused, the running key stays
+    result = a.ctl.cli("reload", check=False)
+    assert result.returncode != 0 and "group or others may read it" in result.stderr
+    assert key_id(a) == key_id(b)
+    os.chmod(new, 0o600)
+    for node in nodes:  # step 3: the old key goes
+        use(node, f'key_file = "{new}"\n')
+    c.ctl.cli("unban", C3)
+    wait(lambda: C3 not in banned_in(a), 1.0, "an unban signed with the new key")
+    assert [n.ctl.proc.pid for n in nodes] == pids and all(n.ctl.proc.poll() is None for n in nodes)

@@ -12,7 +12,10 @@ from stockade.config import ConfigError, parse_config
 
 
 def cluster(**keys: Any) -> dict[str, Any]:
-    return {"cluster": {"backend": "redis", "url": "redis://198.18.2.1:6379/0", **keys}}
+    auth = {"key_file": "/etc/stockade/cluster.key"}  # read by the controller, not here
+    return {
+        "cluster": {"backend": "redis", "url": "redis://198.18.2.1:6379/0", "auth": auth, **keys}
+    }
 
 
 def test_embedded_by_default_and_nothing_needed() -> None:

@@ -35,3 +35,31 @@ def test_redis_shows_state_peers_sync_lag_and_queue() -> None:
         "            peers: a (not seen lately: c)",
         "            last sync 2.5s ago, lag 4 ms, 3 events queued, 5 published, 7 received",
     ]
+
+
+def test_redis_shows_the_trust_mode_and_what_was_refused() -> None:
+    status = {
+        **embedded_status("b"),
+        "backend": "redis",
+        "url": "redis://198.18.2.1:6379/0",
+        "state": "connected",
+        "last_error": None,
+        "peers": [],
+        "last_sync": None,
+        "lag": None,
+        "queued": 0,
+        "published": 0,
+        "received": 0,
+        "auth": {"mode": "on", "key_id": "k2", "accepted_key_ids": ["k1", "k2"]},
+        "refused": {"event": {"bad_tag": 3, "unknown_node": 1}, "record": {"bad_tag": 2}},
+    }
+    assert cluster_lines(status, now=100.0)[-2:] == [
+        "            auth: on with key k2 (also accepting k1)",
+        "            REFUSED 6 from the cluster: event bad_tag 3, event unknown_node 1, "
+        "record bad_tag 2",
+    ]
+    status["auth"] = {"mode": "off", "key_id": None, "accepted_key_ids": []}
+    status["refused"] = {}
+    assert cluster_lines(status, now=100.0)[-1] == (
+        "            auth: OFF (insecure_unauthenticated: anyone who can write to Redis is trusted)"
+    )
