@@ -350,15 +350,15 @@ def plot_waf(results: dict[str, Any]) -> Figure:
 
 def plot_cluster(results: dict[str, Any]) -> Figure:
     fig, axes = _figure(2, "Case 8: cluster mode (Redis)")
-    samples = results["propagation"]["samples"]
-    drops = [s["drop_ms"] for s in samples if s["drop_ms"] is not None]
-    acks = [s["ack_ms"] for s in samples]
-    _strip(
-        axes[0],
-        ["ban on one node ->\ndropped on another", "ban applied on\nthe node asked"],
-        [drops, acks],
-        "ms",
-    )
+    names: list[str] = []
+    values: list[list[float]] = []
+    for mode, samples in report._cluster_by_auth(results).items():
+        names += [f"dropped on another\n(auth {mode})", f"applied on the\nnode asked (auth {mode})"]
+        values += [
+            [s["drop_ms"] for s in samples if s["drop_ms"] is not None],
+            [s["ack_ms"] for s in samples],
+        ]
+    _strip(axes[0], names, values, "ms")
     axes[0].set_title(
         f"ban propagation, {results['propagation']['trials']} trials, target p99 < 1 s "
         "(dots: samples; diamond: median, bar: min-max)",
@@ -375,6 +375,35 @@ def plot_cluster(results: dict[str, Any]) -> Figure:
     return fig
 
 
+def plot_bulk(results: dict[str, Any]) -> Figure:
+    t = report.BulkTable(results)
+    fig, axes = _figure(2, f"Case 9: {t.count:,} bans from a file, and a packet's cost")
+    samples = results["samples"]
+    _strip(
+        axes[0],
+        ["stockade ban --file", "unban.all (API)"],
+        [[s["load_s"] for s in samples], [s["unload_s"] for s in samples]],
+        "seconds, the whole command",
+    )
+    axes[0].axhline(report.BULK_LOAD_TARGET_S, color="tab:red", linestyle="--", linewidth=1)
+    axes[0].set_title(
+        f"target: load in under {report.BULK_LOAD_TARGET_S:.0f} s (dashed); "
+        f"{len(samples)} rounds (dots: samples; diamond: median, bar: min-max)",
+        fontsize=9,
+    )
+    _grouped_bars(
+        axes[1],
+        t.packets,
+        [
+            Series("one ban", [t.baseline[p] for p in t.packets], "tab:gray"),
+            Series(f"{t.count:,} bans", [t.loaded[p] for p in t.packets], "tab:blue"),
+        ],
+        "ns per packet (BPF_PROG_TEST_RUN)",
+    )
+    axes[1].set_title(f"a packet's cost ({NOTE.format(f'{len(samples)} rounds')})", fontsize=9)
+    return fig
+
+
 PLOTS: tuple[tuple[Plot, Callable[[dict[str, Any]], Figure]], ...] = (
     (Plot("xdp_cost", "xdp_cost.png", "XDP ns per packet vs bans"), plot_xdp_cost),
     (Plot("flood", "flood.png", "receiver CPU per Mpkt per filter"), plot_flood),
@@ -387,6 +416,7 @@ PLOTS: tuple[tuple[Plot, Callable[[dict[str, Any]], Figure]], ...] = (
     ),
     (Plot("waf", "waf.png", "WAF cost per mode"), plot_waf),
     (Plot("cluster", "cluster.png", "cluster ban propagation and limits"), plot_cluster),
+    (Plot("bulk", "bulk.png", "bulk ban load time and packet cost"), plot_bulk),
 )
 
 

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench import cluster, escalation, flood, jwt, l7, limits, plan, report, waf, xdp_cost
+from bench import bulk, cluster, escalation, flood, jwt, l7, limits, plan, report, waf, xdp_cost
 from bench.common import BENCH_DIR, OUT_DIR, now_iso, save_results, source_revision
 
 MAINS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -33,6 +33,7 @@ MAINS: dict[str, Callable[[Sequence[str]], int]] = {
     "escalation": escalation.main,
     "waf": waf.main,
     "cluster": cluster.main,
+    "bulk": bulk.main,
 }
 RUN_SOURCES = ("bpf", "controller", "proxy", "cli", "lab", "stockade")
 

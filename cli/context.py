@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +12,9 @@ from typing import Any, NoReturn
 import click
 
 from stockade.cli.client import call
-from stockade.config import Config, ConfigError, load_config
+from stockade.config import Config, ConfigError, ConfigPermissionError, load_config
 from stockade.protocol import COMMANDS_BY_NAME, EXIT_CODES, CommandError
-from stockade.targets import TargetError, format_target, parse_target
+from stockade.targets import TargetError, format_target, mapping_note, parse_target
 
 ENV_SOCKET = "STOCKADE_SOCKET"
 
@@ -37,6 +39,8 @@ class Context:
         if self._config is None:
             try:
                 self._config = load_config(self.config_path)
+            except ConfigPermissionError as exc:  # not bad input: we may not read it
+                fail(str(exc), None, 1)
             except ConfigError as exc:
                 fail(str(exc), "check it with `stockade check-config`", 2)
         return self._config
@@ -59,7 +63,44 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (
 
 
 def check_target(text: str) -> str:
+    """The canonical target, or exit 2; says so when an IPv4-mapped address was unmapped."""
     try:
-        return format_target(parse_target(text))
+        canonical = format_target(parse_target(text))
+        note = mapping_note(text)
     except TargetError as exc:
         fail(str(exc), None, 2)
+    if note is not None:
+        click.echo(f"stockade: note: {note}", err=True)
+    return canonical
+
+
+# An optional sign, ASCII digits, an optional fraction: what `--factor 2.5` means.
+# float() would also take "٣", "1_0", "nan", "inf" and surrounding whitespace.
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,15}(?:\.[0-9]{1,15})?")
+
+
+class AsciiNumber(click.ParamType[float]):
+    """A finite decimal number written in ASCII digits, optionally within [low, high]."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None) -> None:
+        self.low = low
+        self.high = high
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):  # a default
+            return value
+        text = str(value)
+        if not text.isascii() or not _DECIMAL.fullmatch(text):
+            self.fail(f"{text!r} is not a number (ASCII digits, e.g. 2 or 2.5)", param, ctx)
+        number = float(text)
+        if not math.isfinite(number):
+            self.fail(f"{text!r} is not a finite number", param, ctx)
+        if self.low is not None and number < self.low:
+            self.fail(f"{text} is below the minimum {self.low:g}", param, ctx)
+        if self.high is not None and number > self.high:
+            self.fail(f"{text} is above the maximum {self.high:g}", param, ctx)
+        return number

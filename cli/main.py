@@ -1,6 +1,7 @@
 """The `stockade` command line.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad input. Errors are one line
+Exit codes: 0 success, 1 runtime failure, 2 bad input; `stockade status`
+exits 3 when it printed that bans are not in the kernel. Errors are one line
 that names the problem and the next step; `-v` shows details.
 """
 
@@ -18,6 +19,7 @@ import click
 from stockade import __version__, logs
 from stockade.cli import output
 from stockade.cli.apikey_cmds import apikey_group
+from stockade.cli.ban_batch import ban_file, unban_all, unban_file
 from stockade.cli.client import call
 from stockade.cli.cluster_status import cluster_lines
 from stockade.cli.completion_cmd import completion
@@ -30,7 +32,7 @@ from stockade.cli.context import (
     json_option,
     pass_ctx,
 )
-from stockade.cli.controller_cmds import controller, detach
+from stockade.cli.controller_cmds import attach, controller, detach
 from stockade.cli.lab import lab_group
 from stockade.cli.proxy_cmds import proxy, run_all
 from stockade.cli.reload_cmd import reload_cmd
@@ -38,11 +40,15 @@ from stockade.cli.replay_cmd import replay_cmd
 from stockade.cli.rules_cmds import explain, rule_group
 from stockade.cli.top_cmd import top
 from stockade.cli.usage_cmds import usage
-from stockade.config import ConfigError, load_config, resolve_path
+from stockade.cli.waf_cmds import waf_group
+from stockade.config import ConfigError, ConfigPermissionError, load_config, resolve_path
 from stockade.controller.layout import reason_names
 from stockade.durations import DurationError, parse_duration
 from stockade.protocol import EXIT_CODES, CommandError
 from stockade.proxy.status import read_status
+
+# `stockade status`: the controller runs, but bans in the store are not in the kernel.
+STATUS_NOT_ENFORCED = 3
 
 
 class _UsageLine(click.UsageError):
@@ -94,14 +100,16 @@ class _Group(click.Group):
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
+    # readable=False: an unreadable file is a permission problem (exit 1), said when read
+    type=click.Path(path_type=Path, dir_okay=False, readable=False),
     envvar="STOCKADE_CONFIG",
     help="Config file (default /etc/stockade/stockade.toml).",
 )
 @click.option(
     "--socket",
     "socket_path",
-    type=click.Path(path_type=Path, dir_okay=False),
+    # readable=False: a socket is connected to, not read; permission is checked then (exit 1)
+    type=click.Path(path_type=Path, dir_okay=False, readable=False),
     envvar=ENV_SOCKET,
     help="Control socket (default from the config: /run/stockade/control.sock).",
 )
@@ -121,19 +129,46 @@ def cli(
     epilog="Examples:\n\n  stockade ban 198.18.0.7 --ttl 15m\n\n"
     "  stockade ban 198.18.4.0/24 --reason 'botnet range'\n\n  stockade ban fd00:18::/64 --ttl 7d",
 )
-@click.argument("target")
+@click.argument("target", required=False)
 @click.option("--ttl", help="How long: 90s, 15m, 1h, 7d. Default: permanent.")
 @click.option("--reason", help="Why; shown in `stockade bans`.")
+@click.option(
+    "--file",
+    "file",
+    metavar="FILE",
+    help="Ban every target in FILE (`-`: stdin), all or nothing: a target a line, "
+    "optionally a TTL (`-`: --ttl) and a reason, or JSON lines; --ttl and --reason are "
+    "the defaults.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Accept a prefix broader than xdp.min_prefix_v4/v6 (default /8, /16).",
+)
 @json_option
 @pass_ctx
-def ban(ctx: Context, target: str, ttl: str | None, reason: str | None, as_json: bool) -> None:
-    canonical = check_target(target)
+def ban(
+    ctx: Context,
+    target: str | None,
+    ttl: str | None,
+    reason: str | None,
+    file: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    if (target is None) == (file is None):
+        fail("give a TARGET or --file FILE", "see `stockade ban --help`", 2)
     if ttl is not None:
         try:
             parse_duration(ttl)
         except DurationError as exc:
             fail(str(exc), None, 2)
-    result = ctx.call("ban", target=canonical, ttl=ttl, reason=reason)
+    if file is not None:
+        ban_file(ctx, file, ttl, reason, force, as_json)
+        return
+    assert target is not None
+    canonical = check_target(target)
+    result = ctx.call("ban", target=canonical, ttl=ttl, reason=reason, force=force or None)
     if as_json:
         output.emit_json(result)
         return
@@ -142,11 +177,46 @@ def ban(ctx: Context, target: str, ttl: str | None, reason: str | None, as_json:
     )
 
 
-@cli.command(help=command_help("unban"), epilog="Example:\n\n  stockade unban 198.18.0.7")
-@click.argument("target")
+@cli.command(
+    help=command_help("unban"),
+    epilog="Examples:\n\n  stockade unban 198.18.0.7\n\n  stockade unban --file bans.txt\n\n"
+    "  stockade unban --all --source proxy\n\n  stockade unban --all --reason-match scanner",
+)
+@click.argument("target", required=False)
+@click.option(
+    "--file",
+    "file",
+    metavar="FILE",
+    help="Lift the ban on every target in FILE (`-`: stdin; the format of `ban --file`), "
+    "all or nothing: each must be banned.",
+)
+@click.option("--all", "all_bans", is_flag=True, help="Lift every ban that matches the filters.")
+@click.option("--source", help="With --all: only bans from this source (cli, proxy, rule, ...).")
+@click.option("--reason-match", help="With --all: only bans whose reason contains this (any case).")
+@click.option("--force", is_flag=True, help="With --all and no filter: lift every ban.")
 @json_option
 @pass_ctx
-def unban(ctx: Context, target: str, as_json: bool) -> None:
+def unban(
+    ctx: Context,
+    target: str | None,
+    file: str | None,
+    all_bans: bool,
+    source: str | None,
+    reason_match: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    if sum((target is not None, file is not None, all_bans)) != 1:
+        fail("give a TARGET, --file FILE or --all", "see `stockade unban --help`", 2)
+    if not all_bans and (source is not None or reason_match is not None or force):
+        fail("--source, --reason-match and --force go with --all", None, 2)
+    if file is not None:
+        unban_file(ctx, file, as_json)
+        return
+    if all_bans:
+        unban_all(ctx, source, reason_match, force, as_json)
+        return
+    assert target is not None
     result = ctx.call("unban", target=check_target(target))
     if as_json:
         output.emit_json(result)
@@ -155,12 +225,18 @@ def unban(ctx: Context, target: str, as_json: bool) -> None:
 
 
 @cli.command(
-    help=command_help("bans"), epilog="Example:\n\n  stockade bans --json | jq '.[].target'"
+    help=command_help("bans"),
+    epilog="Examples:\n\n  stockade bans --json | jq '.[].target'\n\n"
+    "  stockade bans --source rule --filter 198.18.",
+)
+@click.option("--source", help="Only bans from this source (cli, proxy, cluster, rule).")
+@click.option(
+    "--filter", "filter", metavar="TEXT", help="Only bans whose target or reason contains TEXT."
 )
 @json_option
 @pass_ctx
-def bans(ctx: Context, as_json: bool) -> None:
-    result = ctx.call("bans")
+def bans(ctx: Context, source: str | None, filter: str | None, as_json: bool) -> None:
+    result = ctx.call("bans", source=source, filter=filter)
     if as_json:
         output.emit_json(result)
         return
@@ -168,11 +244,12 @@ def bans(ctx: Context, as_json: bool) -> None:
         click.echo("no bans")
         return
     output.table(
-        ("target", "expires", "packets", "bytes", "source", "reason"),
+        ("target", "expires", "kernel", "packets", "bytes", "source", "reason"),
         [
             (
                 b["target"],
                 output.expiry(b["expires"]),
+                "yes" if b.get("in_kernel", True) else "NO",
                 output.count(b["packets"]),
                 output.count(b["bytes"]),
                 b["source"],
@@ -181,6 +258,13 @@ def bans(ctx: Context, as_json: bool) -> None:
             for b in result
         ],
     )
+    missing = sum(1 for b in result if not b.get("in_kernel", True))
+    if missing:
+        click.secho(
+            f"{missing} of these bans are NOT in the kernel (KERNEL = NO: a map is full): "
+            "their packets pass; see `stockade status`",
+            fg="red",
+        )
 
 
 # -- allowlist ----------------------------------------------------------------
@@ -198,10 +282,15 @@ def allow() -> None:
 )
 @click.argument("target")
 @click.option("--reason", help="Why; shown in `stockade allow list`.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Accept a prefix broader than xdp.min_prefix_v4/v6 (default /8, /16).",
+)
 @json_option
 @pass_ctx
-def allow_add(ctx: Context, target: str, reason: str | None, as_json: bool) -> None:
-    result = ctx.call("allow.add", target=check_target(target), reason=reason)
+def allow_add(ctx: Context, target: str, reason: str | None, force: bool, as_json: bool) -> None:
+    result = ctx.call("allow.add", target=check_target(target), reason=reason, force=force or None)
     if as_json:
         output.emit_json(result)
         return
@@ -279,6 +368,8 @@ def status(ctx: Context, as_json: bool) -> None:
     result["proxy"] = {"workers": workers}
     if as_json:
         output.emit_json(result)
+        if result["bans"].get("not_in_kernel", 0):
+            sys.exit(STATUS_NOT_ENFORCED)
         return
     program = result["program"]
     click.echo(f"controller: running (pid {result['pid']}, version {result['version']})")
@@ -287,6 +378,12 @@ def status(ctx: Context, as_json: bool) -> None:
     for iface in result["interfaces"]:
         if "error" in iface:
             click.echo(f"interface:  {iface['name']}: {iface['error']}")
+        elif iface.get("detached") and not iface["ours"]:
+            name = iface["name"]
+            click.echo(
+                f"interface:  {name}: DETACHED on purpose (`stockade detach`), NOT filtered; "
+                f"`stockade attach {name}` re-attaches it"
+            )
         else:
             mark = "" if iface["ours"] else " (NOT our program)"
             click.echo(
@@ -297,6 +394,16 @@ def status(ctx: Context, as_json: bool) -> None:
         f"bans:       {b['total']} ({b['exact']} exact, {b['prefix']} prefix; "
         f"{b['ipv4']} IPv4, {b['ipv6']} IPv6)"
     )
+    missing = b.get("not_in_kernel", 0)
+    if missing:
+        click.secho(
+            f"            {missing} NOT IN THE KERNEL: their packets pass (a map is full; "
+            "`stockade bans` marks them, the sweep adds them as room appears)",
+            fg="red",
+        )
+    maps = result.get("maps", {})
+    if maps:
+        click.echo("maps:       " + ", ".join(_map_fill(name, m) for name, m in maps.items()))
     click.echo(f"allowlist:  {result['allows']} entries")
     r = result["syn_rate"]
     rate = f"{r['rate']}/s burst {r['burst']}" if r["rate"] else "off"
@@ -304,6 +411,13 @@ def status(ctx: Context, as_json: bool) -> None:
     for line in cluster_lines(result["cluster"]):
         click.echo(line)
     _print_proxy_status(workers)
+    if missing:
+        sys.exit(STATUS_NOT_ENFORCED)
+
+
+def _map_fill(name: str, fill: dict[str, int]) -> str:
+    entries, size = fill["entries"], fill["max_entries"]
+    return f"{name} {entries}/{size}" + (" FULL" if entries >= size else "")
 
 
 def _print_proxy_status(workers: list[dict[str, Any]]) -> None:
@@ -349,6 +463,8 @@ def check_config(ctx: Context, file: Path | None) -> None:
     path, asked = resolve_path(target)
     try:
         config = load_config(target)
+    except ConfigPermissionError as exc:
+        fail(str(exc), None, 1)
     except ConfigError as exc:
         fail(str(exc), None, 2)
     # deferred: the proxy's modules (aiohttp, ModSecurity, openapi-core) are slow to import
@@ -368,6 +484,7 @@ cli.add_command(explain)
 cli.add_command(rule_group, "rule")
 cli.add_command(controller)
 cli.add_command(detach)
+cli.add_command(attach)
 cli.add_command(proxy)
 cli.add_command(run_all)
 cli.add_command(apikey_group, "apikey")
@@ -377,6 +494,7 @@ cli.add_command(replay_cmd)
 cli.add_command(completion)
 cli.add_command(lab_group, "lab")
 cli.add_command(top)
+cli.add_command(waf_group, "waf")
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ from typing import Any
 import click
 
 from stockade.cli import output
-from stockade.cli.client import call
+from stockade.cli.client import ControllerUnavailable, call
 from stockade.cli.context import Context, command_help, fail, json_option, pass_ctx
-from stockade.protocol import BAD_INPUT, CommandError
+from stockade.protocol import EXIT_CODES, CommandError
 from stockade.proxy.status import MASTER_FILE, RELOAD_FILE
 
 PROXY_RELOAD_WAIT = 15.0  # the master checks the new config before answering
@@ -69,10 +69,12 @@ def reload_cmd(ctx: Context, as_json: bool) -> None:
     result: dict[str, Any] = {}
     try:
         result["controller"] = call(ctx.socket, "reload")
-    except CommandError as exc:
-        if exc.kind == BAD_INPUT:  # the new config does not load: refuse, change nothing
-            fail(exc.message, exc.hint, 2)
+    except ControllerUnavailable as exc:
         result["controller"] = {"status": "not_running", "error": exc.message}
+    except CommandError as exc:
+        # the controller refused (the config does not load, or the reload would lift
+        # the kernel's bans): nothing changed there, so the proxy is left alone too
+        fail(exc.message, exc.hint, EXIT_CODES.get(exc.kind, 1))
     result["proxy"] = reload_proxy(ctx.config().proxy.status_dir)
     if as_json:
         output.emit_json(result)

@@ -9,7 +9,15 @@ from typing import Any
 import click
 
 from stockade.cli import output
-from stockade.cli.context import Context, check_target, command_help, fail, json_option, pass_ctx
+from stockade.cli.context import (
+    AsciiNumber,
+    Context,
+    check_target,
+    command_help,
+    fail,
+    json_option,
+    pass_ctx,
+)
 from stockade.durations import DurationError, format_duration, parse_duration
 from stockade.proxy.status import read_status
 from stockade.targets import TargetError, covers, parse_target
@@ -18,6 +26,8 @@ HEADLINES = {
     "banned": "BANNED: its packets are dropped",
     "allowlisted": "ALLOWLISTED: it always passes, bans or not",
     "not_banned": "not banned",
+    "not_in_kernel": "NOT ENFORCED: banned in the store, but no ban that covers it is in the "
+    "kernel (a map is full): its packets pass",
 }
 
 
@@ -43,7 +53,8 @@ def explain(ctx: Context, target: str, as_json: bool) -> None:
     if as_json:
         output.emit_json(result)
         return
-    click.echo(f"{result['target']}: {HEADLINES.get(result['verdict'], result['verdict'])}")
+    headline = f"{result['target']}: {HEADLINES.get(result['verdict'], result['verdict'])}"
+    click.secho(headline, fg="red" if result["verdict"] == "not_in_kernel" else None)
     if result["allowed_by"]:
         for allow in result["allowed_by"]:
             click.echo(f"  allowed by {allow['target']} ({allow['source']}: {allow['reason']})")
@@ -57,6 +68,11 @@ def explain(ctx: Context, target: str, as_json: bool) -> None:
             f"  banned as {ban['target']} ({ban['match']}) by {by}, "
             f"expires {output.expiry(ban['expires'])}"
         )
+        if not ban.get("in_kernel", True):
+            click.secho(
+                "    NOT IN THE KERNEL: its map is full; the sweep adds it when room appears",
+                fg="red",
+            )
         click.echo(f"    reason:  {ban['reason']}")
         if ban["details"] is not None:
             click.echo(f"    details: {_details(ban['details'])}")
@@ -124,7 +140,7 @@ def _check_duration(name: str, text: str | None) -> None:
 @click.option("--rule", required=True, help="The rule's name.")
 @click.option("--reason", help="Why; default `rule NAME`.")
 @click.option("--details", help="A JSON object kept with the ban (what fired the rule).")
-@click.option("--factor", type=float, help="Growth per earlier offence (default 2).")
+@click.option("--factor", type=AsciiNumber(), help="Growth per earlier offence (default 2).")
 @click.option("--max-ttl", help="The longest ban escalation gives (default 1d).")
 @click.option("--memory", help="How far back earlier rule bans count (default 7d).")
 @json_option

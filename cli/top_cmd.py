@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.live import Live
 
 from stockade.cli import output
-from stockade.cli.context import Context, fail, json_option, pass_ctx
+from stockade.cli.context import AsciiNumber, Context, fail, json_option, pass_ctx
 from stockade.cli.top_sources import take_sample
 from stockade.cli.top_view import View
 from stockade.stats_view import Frame, Sample, build
@@ -144,7 +144,7 @@ class Top:
 @click.option("--once", is_flag=True, help="Print one plain frame (rates over --interval), exit.")
 @click.option(
     "--interval",
-    type=click.FloatRange(0.1, 3600),
+    type=AsciiNumber(0.1, 3600),
     default=1.0,
     show_default=True,
     help="Seconds between frames.",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 BPF_OBJ_NAME_LEN = 16
 
@@ -118,6 +120,24 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_obj_get_info_by_fd.restype = ctypes.c_int
     lib.bpf_prog_test_run_opts.argtypes = (ctypes.c_int, ctypes.POINTER(BpfTestRunOpts))
     lib.bpf_prog_test_run_opts.restype = ctypes.c_int
+    # opts NULL: libbpf takes that as the defaults (no element or map flags)
+    lib.bpf_map_update_batch.argtypes = (
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.c_void_p,
+    )
+    lib.bpf_map_update_batch.restype = ctypes.c_int
+    lib.bpf_map_delete_batch.argtypes = (
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.c_void_p,
+    )
+    lib.bpf_map_delete_batch.restype = ctypes.c_int
+    lib.bpf_map_lookup_elem.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+    lib.bpf_map_lookup_elem.restype = ctypes.c_int
     return lib
 
 
@@ -136,6 +156,53 @@ def prog_fd_by_id(prog_id: int) -> int:
 def pinned_fd(path: str) -> int:
     """Open a pinned object; the caller closes the fd."""
     return _check(_lib().bpf_obj_get(path.encode()), f"open pinned {path}")
+
+
+class BatchError(LibbpfError):
+    """A batch map operation failed after `done` of its elements were applied."""
+
+    def __init__(self, err: int, message: str, done: int) -> None:
+        super().__init__(err, message)
+        self.done = done
+
+
+def map_update_batch(fd: int, keys: ctypes.Array[Any], values: ctypes.Array[Any]) -> None:
+    """BPF_MAP_UPDATE_BATCH of len(keys) elements in one system call.
+
+    Raises BatchError (errno EINVAL or ENOTSUPP where the kernel or the map
+    type has no batch operations) with how many elements were written.
+    """
+    count = ctypes.c_uint32(len(keys))
+    ret = _lib().bpf_map_update_batch(
+        fd, ctypes.addressof(keys), ctypes.addressof(values), ctypes.byref(count), None
+    )
+    if ret < 0:
+        err = -ret if ret != -1 else ctypes.get_errno()
+        raise BatchError(err, f"BPF_MAP_UPDATE_BATCH: {os.strerror(err)}", int(count.value))
+
+
+def map_lookup(fd: int, key: Any, value: Any) -> bool:
+    """Read the value of `key` into `value` (ctypes objects); False when there is none.
+
+    No exception for a missing key (bcc's lookup raises one): a batch looks up
+    every key it writes.
+    """
+    ret = _lib().bpf_map_lookup_elem(fd, ctypes.addressof(key), ctypes.addressof(value))
+    if ret == 0:
+        return True
+    err = -ret if ret != -1 else ctypes.get_errno()
+    if err == errno.ENOENT:
+        return False
+    raise LibbpfError(err, f"BPF map lookup: {os.strerror(err)}")
+
+
+def map_delete_batch(fd: int, keys: ctypes.Array[Any]) -> None:
+    """BPF_MAP_DELETE_BATCH of len(keys) elements (every key must exist: ENOENT otherwise)."""
+    count = ctypes.c_uint32(len(keys))
+    ret = _lib().bpf_map_delete_batch(fd, ctypes.addressof(keys), ctypes.byref(count), None)
+    if ret < 0:
+        err = -ret if ret != -1 else ctypes.get_errno()
+        raise BatchError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}", int(count.value))
 
 
 def map_info(fd: int) -> MapInfo:
@@ -158,6 +225,28 @@ def prog_id(fd: int) -> int:
     size = ctypes.c_uint32(ctypes.sizeof(info))
     _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "prog info")
     return int(info.id)
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    prog_id: int
+    name: str  # as the loader named it, at most 15 bytes
+    tag: str  # hex of the kernel's hash of the instructions (maps left out)
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = BpfProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "prog info")
+    return ProgInfo(int(info.id), info.name.decode(errors="replace"), bytes(info.tag).hex())
+
+
+def prog_info_by_id(prog_id: int) -> ProgInfo:
+    fd = prog_fd_by_id(prog_id)
+    try:
+        return prog_info(fd)
+    finally:
+        os.close(fd)
 
 
 class XdpMd(ctypes.Structure):

@@ -8,17 +8,27 @@ code talks to `MapBackend`, implemented here by `BpfMaps` (the kernel) and
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from stockade.controller import layout
+from stockade.controller import layout, libbpf
 from stockade.controller.loader import LoadedProgram
 from stockade.targets import Network, is_exact
 
 
 class MapFullError(RuntimeError):
     pass
+
+
+# What a ban entry held before a batch wrote or deleted it (None: absent), so the
+# batch can be undone: restore_bans() puts these back.
+Undo = list[tuple[Network, "MapBan | None"]]
+BATCH_CHUNK = 16_384  # elements per BPF_MAP_*_BATCH system call
+_FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+_NO_BATCH_ERRNOS = (errno.EINVAL, errno.ENOTSUP, 524)  # 524: the kernel's ENOTSUPP
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,9 @@ class MapBackend(Protocol):
     def bans(self) -> dict[Network, MapBan]: ...
     def put_ban(self, net: Network, expires_ns: int) -> None: ...
     def delete_ban(self, net: Network) -> bool: ...
+    def put_bans(self, entries: Sequence[tuple[Network, int]]) -> Undo: ...
+    def delete_bans(self, nets: Sequence[Network]) -> Undo: ...
+    def restore_bans(self, undo: Undo) -> None: ...
     def allows(self) -> dict[Network, Hits]: ...
     def put_allow(self, net: Network) -> None: ...
     def delete_allow(self, net: Network) -> bool: ...
@@ -75,6 +88,14 @@ TRIES = ("ban_prefix_v4", "ban_prefix_v6", "allow_v4", "allow_v6")
 
 def _bytes_array(arr: Any) -> bytes:
     return bytes(arr)
+
+
+def _fill_key(key: Any, net: Network) -> None:
+    """Write `net` into a map key (an exact address, or an LPM trie's prefix and address)."""
+    raw = net.network_address.packed
+    if hasattr(key, "prefixlen"):
+        key.prefixlen = net.prefixlen
+    ctypes.memmove(ctypes.addressof(key.addr), raw, len(raw))
 
 
 class BpfMaps:
@@ -131,12 +152,8 @@ class BpfMaps:
         return "ban_prefix_v6" if v6 else "ban_prefix_v4"
 
     def _key(self, table: str, net: Network) -> Any:
-        key_type = self._t[table].Key
-        raw = net.network_address.packed
-        key = key_type()
-        if hasattr(key, "prefixlen"):
-            key.prefixlen = net.prefixlen
-        ctypes.memmove(ctypes.addressof(key.addr), raw, len(raw))
+        key = self._t[table].Key()
+        _fill_key(key, net)
         return key
 
     @staticmethod
@@ -199,6 +216,118 @@ class BpfMaps:
     def delete_ban(self, net: Network) -> bool:
         table = self._ban_table_name(net)
         return self._remove(table, net)
+
+    # -- many bans at once --------------------------------------------------
+    def put_bans(self, entries: Sequence[tuple[Network, int]]) -> Undo:
+        """Write many bans (target, expiry ns) with BPF_MAP_UPDATE_BATCH, all or none.
+
+        Hit counters of entries that exist are kept. On any failure what was
+        written is undone before the error is raised (MapFullError when a map
+        is full). Returns what each entry held before, for restore_bans.
+        """
+        undo: Undo = []
+        try:
+            for table, items in self._by_table(entries).items():
+                self._put_table(table, items, undo)
+        except BaseException:
+            self.restore_bans(undo)
+            raise
+        return undo
+
+    def delete_bans(self, nets: Sequence[Network]) -> Undo:
+        """Delete many bans (absent ones are skipped); returns what they held."""
+        undo: Undo = []
+        for table, items in self._by_table([(net, 0) for net in nets]).items():
+            t = self._t[table]
+            trie = self._trie_keys.get(table)
+            present = []
+            value = t.Leaf()
+            for net, _ in items:
+                key = self._key(table, net)
+                if (trie is None or net in trie) and libbpf.map_lookup(t.map_fd, key, value):
+                    hits = Hits(int(value.packets), int(value.bytes))
+                    undo.append((net, MapBan(int(value.expires_ns), hits)))
+                    present.append(key)
+            for start in range(0, len(present), BATCH_CHUNK):
+                chunk = present[start : start + BATCH_CHUNK]
+                keys = (t.Key * len(chunk))(*chunk)
+                try:
+                    libbpf.map_delete_batch(t.map_fd, keys)
+                except libbpf.BatchError:
+                    for key in chunk[:]:  # no batch support, or a key gone meanwhile
+                        t.pop(key, None)
+            if table in self._trie_keys:  # lower the count after the entries are gone
+                self._trie_keys[table].difference_update(net for net, _ in items)
+                self._write_config()
+        return undo
+
+    def restore_bans(self, undo: Undo) -> None:
+        """Put back what a batch changed: delete what was absent, rewrite what was there."""
+        for net, previous in reversed(undo):
+            if previous is None:
+                self.delete_ban(net)
+            else:
+                self.put_ban(net, previous.expires_ns)
+
+    def _by_table(
+        self, entries: Sequence[tuple[Network, int]]
+    ) -> dict[str, list[tuple[Network, int]]]:
+        tables: dict[str, list[tuple[Network, int]]] = {}
+        for net, expires_ns in entries:
+            tables.setdefault(self._ban_table_name(net), []).append((net, expires_ns))
+        return tables
+
+    def _put_table(self, table: str, items: list[tuple[Network, int]], undo: Undo) -> None:
+        t = self._t[table]
+        keys = (t.Key * len(items))()
+        values = (t.Leaf * len(items))()
+        trie = self._trie_keys.get(table)
+        added: list[Network] = []
+        for i, (net, expires_ns) in enumerate(items):
+            key, value = keys[i], values[i]  # views into the arrays: filled in place
+            _fill_key(key, net)
+            # an existing entry is read into its value slot, so its hit counters are kept;
+            # a trie answers the longest match, so only a prefix known to be there is read
+            if (trie is None or net in trie) and libbpf.map_lookup(t.map_fd, key, value):
+                undo.append((net, MapBan(int(value.expires_ns))))
+            else:
+                undo.append((net, None))
+                added.append(net)
+            value.expires_ns = expires_ns
+        tracked = table in self._trie_keys and bool(added)
+        if tracked:  # raise the count before the entries exist
+            self._trie_keys[table].update(added)
+            self._write_config()
+        try:
+            for start in range(0, len(items), BATCH_CHUNK):
+                end = min(start + BATCH_CHUNK, len(items))
+                self._update_batch(table, keys, values, start, end)
+        except BaseException:
+            if tracked:
+                self._trie_keys[table].difference_update(added)
+                self._write_config()
+            raise
+
+    def _update_batch(self, table: str, keys: Any, values: Any, start: int, end: int) -> None:
+        t = self._t[table]
+        size = end - start
+        chunk_keys = (t.Key * size).from_buffer(keys, start * ctypes.sizeof(t.Key))
+        chunk_values = (t.Leaf * size).from_buffer(values, start * ctypes.sizeof(t.Leaf))
+        try:
+            libbpf.map_update_batch(t.map_fd, chunk_keys, chunk_values)
+            return
+        except libbpf.BatchError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                raise MapFullError(f"BPF map {table} is full") from exc
+            if exc.errno not in _NO_BATCH_ERRNOS:
+                raise
+        for i in range(size):  # this kernel or map type has no batch update
+            try:
+                t[chunk_keys[i]] = chunk_values[i]
+            except Exception as exc:  # bcc raises a bare Exception with errno text
+                if "No space left" in str(exc) or "Argument list" in str(exc):
+                    raise MapFullError(f"BPF map {table} is full") from exc
+                raise
 
     # -- allowlist ----------------------------------------------------------
     def allows(self) -> dict[Network, Hits]:
@@ -269,6 +398,28 @@ class DryRunMaps:
     def delete_ban(self, net: Network) -> bool:
         self.writes += 1
         return self._bans.pop(net, None) is not None
+
+    def put_bans(self, entries: Sequence[tuple[Network, int]]) -> Undo:
+        added = {net for net, _ in entries if net not in self._bans}
+        if len(self._bans) + len(added) > self.capacity:
+            raise MapFullError("dry-run ban map is full")
+        undo: Undo = [(net, self._bans.get(net)) for net, _ in entries]
+        for net, expires_ns in entries:
+            self.put_ban(net, expires_ns)
+        return undo
+
+    def delete_bans(self, nets: Sequence[Network]) -> Undo:
+        undo: Undo = [(net, self._bans[net]) for net in nets if net in self._bans]
+        for net in nets:
+            self.delete_ban(net)
+        return undo
+
+    def restore_bans(self, undo: Undo) -> None:
+        for net, previous in reversed(undo):
+            if previous is None:
+                self._bans.pop(net, None)
+            else:
+                self._bans[net] = previous
 
     def allows(self) -> dict[Network, Hits]:
         return dict(self._allows)

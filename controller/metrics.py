@@ -35,6 +35,8 @@ class Snapshot:
     monitor: bool
     interfaces: list[tuple[str, str, bool]] = field(default_factory=list)  # name, mode, ours
     cluster: dict[str, Any] | None = None  # ClusterSync.status() in cluster mode
+    not_in_kernel: int = 0  # active bans in the store that are not in the maps
+    map_fill: dict[str, tuple[int, int]] = field(default_factory=dict)  # map -> (entries, max)
 
 
 class ControllerCollector(Collector):
@@ -69,6 +71,32 @@ class ControllerCollector(Collector):
         for (source, kind, family), count in sorted(s.bans.items()):
             bans.add_metric([source, kind, family], count)
         yield bans
+        yield GaugeMetricFamily(
+            "stockade_bans_not_in_kernel",
+            "Bans in the store that are not in the kernel maps (a map was full): their packets "
+            "pass. The sweep puts them in as room appears.",
+            value=s.not_in_kernel,
+        )
+        entries = GaugeMetricFamily(
+            "stockade_map_entries", "Entries in each ban and allow map.", labels=["map"]
+        )
+        capacity = GaugeMetricFamily(
+            "stockade_map_max_entries",
+            "The size of each ban and allow map (xdp.max_bans_v4, ...).",
+            labels=["map"],
+        )
+        fill = GaugeMetricFamily(
+            "stockade_map_fill_ratio",
+            "Entries / max_entries of each ban and allow map; at 1 a new ban cannot go in.",
+            labels=["map"],
+        )
+        for name, (count, size) in sorted(s.map_fill.items()):
+            entries.add_metric([name], count)
+            capacity.add_metric([name], size)
+            fill.add_metric([name], count / size if size else 0.0)
+        yield entries
+        yield capacity
+        yield fill
         yield GaugeMetricFamily(
             "stockade_allowlist_entries", "Allowlist entries in the kernel.", value=s.allows
         )
@@ -145,6 +173,29 @@ def _cluster(c: dict[str, Any]) -> Iterator[CounterMetricFamily | GaugeMetricFam
     events.add_metric(["published"], c["published"])
     events.add_metric(["received"], c["received"])
     yield events
+    refused = CounterMetricFamily(
+        "stockade_cluster_refused",
+        "What this node read from Redis and refused (nothing of it was applied), by kind "
+        "(event, record, tombstone, heartbeat) and reason (unsigned, bad_tag, unknown_key, "
+        "unknown_node, replayed, malformed, invalid, allowlisted, not_accepted).",
+        labels=["kind", "reason"],
+    )
+    for kind, reasons in sorted(c.get("refused", {}).items()):
+        for reason, count in sorted(reasons.items()):
+            refused.add_metric([kind, reason], count)
+    yield refused
+    yield CounterMetricFamily(
+        "stockade_cluster_unsigned_accepted",
+        "Unsigned events and records applied because cluster.auth.accept_unsigned is on "
+        "(a migration); 0 once every node signs.",
+        value=c.get("unsigned_accepted", 0),
+    )
+    yield CounterMetricFamily(
+        "stockade_cluster_record_losses",
+        "Times Redis was found to have lost the shared ban record (a new epoch): each time "
+        "this node published every ban it has again.",
+        value=c.get("record_losses", 0),
+    )
 
 
 def render(snapshot: Callable[[], Snapshot], extra: CollectorRegistry | None = None) -> bytes:

@@ -43,9 +43,12 @@ def _netlink_errors() -> tuple[type[Exception], ...]:
 NETLINK_ERRORS = _netlink_errors()
 
 
+def _code(exc: Exception) -> int:
+    return int(getattr(exc, "code", None) or getattr(exc, "errno", None) or errno.EINVAL)
+
+
 def _reason(exc: Exception) -> str:
-    code = getattr(exc, "code", None) or getattr(exc, "errno", None) or errno.EINVAL
-    return os.strerror(int(code))
+    return os.strerror(_code(exc))
 
 
 class Mode(enum.StrEnum):
@@ -178,15 +181,50 @@ def replace(
         os.close(old_fd)
 
 
-def detach(ifname: str, netns: str | None = None) -> XdpState:
-    """Remove whatever XDP program is on the interface."""
+def detach(ifname: str, netns: str | None = None, expected_prog_id: int | None = None) -> XdpState:
+    """Remove the XDP program on the interface.
+
+    With expected_prog_id, only that program (a compare-and-swap to nothing):
+    a program put there since it was checked is left alone (AttachError).
+    """
     current = query(ifname, netns)
     if not current.prog_id:
         return current
     flag = XDP_FLAGS_SKB_MODE if current.mode == "generic" else XDP_FLAGS_DRV_MODE
+    expected_fd = None
+    if expected_prog_id is not None:
+        if current.prog_id != expected_prog_id:
+            raise AttachError(
+                f"{ifname} now runs XDP program {current.prog_id}, not {expected_prog_id}; "
+                "left alone"
+            )
+        try:
+            expected_fd = libbpf.prog_fd_by_id(expected_prog_id)
+        except OSError as exc:
+            raise AttachError(f"cannot open the program on {ifname}: {exc}") from exc
+        flag |= XDP_FLAGS_REPLACE
     try:
         with _netlink(netns) as ipr:
-            _set_xdp(ipr, current.ifindex, -1, flag, None)
+            _set_xdp(ipr, current.ifindex, -1, flag, expected_fd)
     except NETLINK_ERRORS as exc:
+        if _code(exc) == errno.EPERM:
+            raise AttachError(
+                f"permission denied detaching XDP from {ifname}; run as root"
+            ) from exc
         raise AttachError(f"cannot detach XDP from {ifname}: {_reason(exc)}") from exc
+    finally:
+        if expected_fd is not None:
+            os.close(expected_fd)
     return query(ifname, netns)
+
+
+def program_info(prog_id: int) -> libbpf.ProgInfo:
+    """Name and tag of a loaded program (how stockade recognises its own)."""
+    try:
+        return libbpf.prog_info_by_id(prog_id)
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            raise AttachError(
+                f"permission denied reading BPF program {prog_id}; run as root"
+            ) from exc
+        raise AttachError(f"cannot read BPF program {prog_id}: {exc.strerror}") from exc

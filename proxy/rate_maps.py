@@ -41,7 +41,7 @@ def parse_rate_map(text: str, default: Rate, where: str) -> dict[str, Rate]:
         try:
             rate = (
                 Rate(int(value), default.window, f"{value}/{default.window:g}s")
-                if value.isdigit()
+                if value.isascii() and value.isdigit()  # str.isdigit takes any script's
                 else parse_rate(value)
             )
         except RateError as exc:

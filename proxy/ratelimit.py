@@ -133,9 +133,8 @@ class RateLimiter:
             values = request.query.getall(rule.field, ())
             if len(values) > 1:
                 # the limit would count one value while the upstream may read another
-                raise Refusal(
-                    400, "ratelimit", "repeated_key_parameter", f"query parameter {rule.field} repeated"
-                )
+                message = f"query parameter {rule.field} repeated"
+                raise Refusal(400, "ratelimit", "repeated_key_parameter", message)
             value = values[0] if values else None
         elif rule.key == "consumer":
             value = ctx.consumer

@@ -36,7 +36,7 @@ KEY_KINDS = ("ip", "consumer", "api_key", "header", "query")
 PRE_AUTH_KINDS = ("ip", "header", "query")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _FIELD = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_RATE = re.compile(r"\s*(\d+)\s*/\s*(\S+)\s*")
+_RATE = re.compile(r"\s*([0-9]{1,12})\s*/\s*(\S+)\s*", re.ASCII)  # no Unicode digits
 _UNITS = {
     "s": 1.0,
     "sec": 1.0,
@@ -69,7 +69,7 @@ class Rate:
 
 
 def parse_rate(text: str) -> Rate:
-    match = _RATE.fullmatch(text)
+    match = _RATE.fullmatch(text) if text.isascii() else None
     if match is None:
         raise RateError(f"invalid rate {text!r}; use e.g. 100/min, 10/s, 5000/day or 20/10s")
     count, unit = int(match.group(1)), match.group(2).lower()

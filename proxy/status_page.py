@@ -131,8 +131,11 @@ class StatusPage:
 def refresh_seconds(query: str) -> int:
     """?refresh=N (0 stops); anything else gives the default."""
     values = urllib.parse.parse_qs(query).get("refresh", [])
-    if len(values) == 1 and values[0].isdigit() and int(values[0]) <= MAX_REFRESH:
-        return int(values[0])
+    # isascii: str.isdigit() is also true for other scripts' digits and for "²",
+    # which int() refuses; the length keeps int() off a huge string
+    text = values[0] if len(values) == 1 else ""
+    if text.isascii() and text.isdigit() and len(text) <= 6 and int(text) <= MAX_REFRESH:
+        return int(text)
     return REFRESH
 
 

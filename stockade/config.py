@@ -22,8 +22,21 @@ from stockade.config_fields import ConfigError, Section
 from stockade.logs import parse_log_format
 from stockade.proxy.settings import ProxyConfig, parse_proxy
 
-__all__ = ["Config", "ConfigError", "ControllerConfig", "XdpConfig", "load_config", "parse_config"]
-from stockade.targets import Network
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConfigPermissionError",
+    "ControllerConfig",
+    "XdpConfig",
+    "load_config",
+    "parse_config",
+]
+from stockade.targets import (
+    DEFAULT_MIN_PREFIX_V4,
+    DEFAULT_MIN_PREFIX_V6,
+    Network,
+    PrefixFloor,
+)
 
 DEFAULT_PATH = Path("/etc/stockade/stockade.toml")
 CONTROLLER_METRICS_PORT = 9461  # the proxy's admin listener defaults to 9460
@@ -51,6 +64,11 @@ class ControllerConfig:
     rules_group: str | None = None
     # Ban events older than this are forgotten (escalation cannot look further back).
     history_retention: float = 30 * 86400.0
+    # A reconcile (at start or on reload) that would lift more than this share of
+    # the kernel's bans is refused; lifting up to `reconcile_removal_allowance`
+    # bans is always allowed. 1.0 turns the share check off.
+    reconcile_max_removal_share: float = 0.5
+    reconcile_removal_allowance: int = 10
     # Prometheus metrics of the kernel side and the bans (the proxy has its own).
     admin: AdminConfig = field(default_factory=lambda: AdminConfig(port=CONTROLLER_METRICS_PORT))
 
@@ -74,6 +92,14 @@ class XdpConfig:
     max_prefix_bans: int = 65_536
     max_allow: int = 4_096
     max_rate_sources: int = 262_144
+    # The broadest ban or allowlist entry accepted without --force (rule and
+    # cluster bans never have it); management_networks must respect it too.
+    min_prefix_v4: int = DEFAULT_MIN_PREFIX_V4
+    min_prefix_v6: int = DEFAULT_MIN_PREFIX_V6
+
+    @property
+    def prefix_floor(self) -> PrefixFloor:
+        return PrefixFloor(self.min_prefix_v4, self.min_prefix_v6)
 
 
 @dataclass(frozen=True)
@@ -114,6 +140,17 @@ def _controller(section: Section) -> ControllerConfig:
     retention = section.duration("history_retention", ControllerConfig.history_retention)
     if retention > MAX_HISTORY_RETENTION:
         raise ConfigError(f"{section.key('history_retention')}: at most 3650d")
+    share = section.get(
+        "reconcile_max_removal_share", (int, float), ControllerConfig.reconcile_max_removal_share
+    )
+    if not 0 < share <= 1:  # NaN fails this too
+        raise ConfigError(
+            f"{section.key('reconcile_max_removal_share')}: {share} is out of range "
+            "(above 0, at most 1; 1 turns the check off)"
+        )
+    allowance = section.integer(
+        "reconcile_removal_allowance", ControllerConfig.reconcile_removal_allowance, 0, 1_000_000
+    )
     config = ControllerConfig(
         socket=socket,
         state_dir=section.path("state_dir", ControllerConfig.state_dir),
@@ -125,6 +162,8 @@ def _controller(section: Section) -> ControllerConfig:
         rules_socket=rules_socket,
         rules_group=rules_group,
         history_retention=retention,
+        reconcile_max_removal_share=float(share),
+        reconcile_removal_allowance=allowance,
         admin=parse_admin(section.subsection("admin"), AdminConfig(port=CONTROLLER_METRICS_PORT)),
     )
     section.finish()
@@ -143,6 +182,16 @@ def _xdp(section: Section) -> XdpConfig:
     if mode not in XDP_MODES:
         raise ConfigError(f"{section.key('mode')}: {mode!r} is not one of {', '.join(XDP_MODES)}")
     networks = section.networks("management_networks")
+    floor = PrefixFloor(
+        section.integer("min_prefix_v4", d.min_prefix_v4, 0, 32),
+        section.integer("min_prefix_v6", d.min_prefix_v6, 0, 128),
+    )
+    for net in networks:
+        if floor.too_broad(net):
+            raise ConfigError(
+                f"{section.key('management_networks')}: {floor.refusal(net, 'allow')}; "
+                "lower the minimum if you mean it"
+            )
     config = XdpConfig(
         interfaces=tuple(interfaces),
         mode=mode,
@@ -156,6 +205,8 @@ def _xdp(section: Section) -> XdpConfig:
         max_prefix_bans=section.integer("max_prefix_bans", d.max_prefix_bans, 1, 1_048_576),
         max_allow=section.integer("max_allow", d.max_allow, 1, 1_048_576),
         max_rate_sources=section.integer("max_rate_sources", d.max_rate_sources, 1, 16_777_216),
+        min_prefix_v4=floor.v4,
+        min_prefix_v6=floor.v6,
     )
     section.finish()
     return config
@@ -205,6 +256,10 @@ def _check_scopes(proxy: ProxyConfig, cluster: ClusterConfig) -> None:
         )
 
 
+class ConfigPermissionError(ConfigError):
+    """The config file exists but this user may not read it: a runtime failure, not bad input."""
+
+
 def resolve_path(explicit: Path | None) -> tuple[Path, bool]:
     """The config path to read, and whether the user asked for it explicitly."""
     if explicit is not None:
@@ -224,6 +279,10 @@ def load_config(explicit: Path | None = None) -> Config:
         if asked:
             raise ConfigError(f"config file {path} does not exist") from None
         return Config()
+    except PermissionError:
+        raise ConfigPermissionError(
+            f"permission denied reading the config file {path}; run as root"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:

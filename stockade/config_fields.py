@@ -14,7 +14,8 @@ from typing import Any
 from stockade.durations import DurationError, parse_duration
 from stockade.targets import Network, TargetError, parse_target
 
-_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?", re.IGNORECASE)
+# ASCII only (re.ASCII): Unicode digits, and a Kelvin sign matching "K" when case is ignored
+_SIZE = re.compile(r"([0-9]{1,19})\s*(B|KiB|MiB|GiB|KB|MB|GB)?", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {
     "b": 1,
     "kib": 1024,
@@ -95,7 +96,7 @@ class Section:
         if isinstance(value, int):
             size = value
         else:
-            match = _SIZE.fullmatch(value.strip())
+            match = _SIZE.fullmatch(value.strip()) if value.isascii() else None
             if match is None:
                 raise ConfigError(
                     f"{self.key(key)}: invalid size {value!r}; use bytes or e.g. 512KiB, 10MiB"

@@ -1,12 +1,17 @@
-"""Durations as operators write them: `90s`, `15m`, `1h`, `7d`, `1h30m`, `250ms`."""
+"""Durations as operators write them: `90s`, `15m`, `1h`, `7d`, `1h30m`, `250ms`.
+
+ASCII digits only: `\\d` and int() also take other scripts' digits (`٣s`). A
+number has at most 15 digits (far beyond any limit here, and below the
+4300-digit ceiling int() raises a bare ValueError at).
+"""
 
 from __future__ import annotations
 
 import re
 
 UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_PART = re.compile(r"(\d+)(ms|[smhdw])")
-_WHOLE = re.compile(r"(?:\d+(?:ms|[smhdw]))+")
+_PART = re.compile(r"([0-9]{1,15})(ms|[smhdw])")
+_WHOLE = re.compile(r"(?:[0-9]{1,15}(?:ms|[smhdw]))+")
 
 
 class DurationError(ValueError):
@@ -16,7 +21,7 @@ class DurationError(ValueError):
 def parse_duration(text: str, *, maximum: int | None = None) -> float:
     """Seconds in a duration such as `90s`, `1h30m` or `250ms`; it must be > 0."""
     raw = text.strip().lower()
-    if not _WHOLE.fullmatch(raw):
+    if not raw.isascii() or not _WHOLE.fullmatch(raw):
         raise DurationError(
             f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d, w), "
             "e.g. 90s, 15m, 1h, 7d"

@@ -18,6 +18,10 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
+# A batch (ban.batch, unban.batch) streams in chunks of whole lines under MAX_LINE,
+# staged on its connection; this bounds what one connection may stage.
+MAX_BATCH = 300_000
+MAX_REFUSED_SHOWN = 1_000  # refused entries listed in an error reply
 
 # Error kinds and the CLI exit code each maps to.
 BAD_INPUT = "bad_input"
@@ -29,12 +33,14 @@ EXIT_CODES = {BAD_INPUT: 2, NOT_FOUND: 1, RUNTIME: 1}
 # Argument kinds that do not travel as a JSON string.
 NUMBER = "number"  # a finite JSON number
 OBJECT = "object"  # a JSON object
+BOOLEAN = "boolean"  # true or false
+ARRAY = "array"  # a JSON array (the command checks its items)
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "target", "duration", "text" (JSON strings), NUMBER or OBJECT
+    kind: str  # "target", "duration", "text" (JSON strings), NUMBER, OBJECT, BOOLEAN or ARRAY
     help: str
     required: bool = False
 
@@ -46,33 +52,89 @@ class CommandSpec:
     help: str
     params: tuple[Param, ...] = ()
     rules_socket: bool = False  # also accepted on the proxy's rules socket
+    # The CLI command that sends it, when that is an option of another command
+    # (`stockade ban --file` sends ban.batch); "" = the command named like it.
+    cli: str = ""
 
 
 TARGET = Param("target", "target", "IPv4/IPv6 address or CIDR prefix", required=True)
+FORCE_PREFIX = Param(
+    "force",
+    BOOLEAN,
+    "accept a prefix broader than xdp.min_prefix_v4 / min_prefix_v6 (default /8 and /16)",
+)
+COMMIT = Param(
+    "commit",
+    BOOLEAN,
+    "true on the last chunk: check the whole batch, then apply all of it or nothing",
+)
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         "ban",
-        "stockade ban TARGET [--ttl 1h] [--reason TEXT] [--json]",
+        "stockade ban TARGET [--ttl 1h] [--reason TEXT] [--force] [--json]",
         "Drop all traffic from TARGET in the kernel, until the TTL runs out or forever.",
         (
             TARGET,
             Param("ttl", "duration", "how long the ban lasts (90s, 15m, 1h, 7d); none = permanent"),
             Param("reason", "text", "why, shown in `stockade bans` (at most 200 characters)"),
             Param("source", "text", "who decided: cli, proxy, cluster or rule (default cli)"),
+            FORCE_PREFIX,
         ),
+    ),
+    CommandSpec(
+        "ban.batch",
+        "stockade ban --file FILE [--ttl 1h] [--reason TEXT] [--force] [--json]",
+        "Ban many targets at once, all or nothing: chunks of `entries` staged on one "
+        "connection, then checked as a whole and written in one store transaction and "
+        f"batched map updates when `commit` is true (at most {MAX_BATCH} entries).",
+        (
+            Param(
+                "entries",
+                ARRAY,
+                "objects {target, ttl, reason}: target required, ttl and reason as for `ban`",
+                True,
+            ),
+            COMMIT,
+            FORCE_PREFIX,
+        ),
+        cli="ban",
     ),
     CommandSpec("unban", "stockade unban TARGET [--json]", "Lift the ban on TARGET.", (TARGET,)),
     CommandSpec(
+        "unban.batch",
+        "stockade unban --file FILE [--json]",
+        "Lift many bans at once, all or nothing: every target must be banned. Chunks staged "
+        "on one connection as for ban.batch.",
+        (Param("entries", ARRAY, "objects {target}", True), COMMIT),
+        cli="unban",
+    ),
+    CommandSpec(
+        "unban.all",
+        "stockade unban --all [--source S] [--reason-match TEXT] [--force] [--json]",
+        "Lift every ban that matches the filters, in one transaction; without a filter "
+        "it lifts every ban and needs force.",
+        (
+            Param("source", "text", "only bans from this source (cli, proxy, cluster, rule)"),
+            Param("reason_match", "text", "only bans whose reason contains this (any case)"),
+            Param("force", BOOLEAN, "needed to lift every ban (no filter)"),
+        ),
+        cli="unban",
+    ),
+    CommandSpec(
         "bans",
-        "stockade bans [--json]",
+        "stockade bans [--source S] [--filter TEXT] [--json]",
         "List bans with their expiry and kernel hit counters.",
+        (
+            Param("source", "text", "only bans from this source (cli, proxy, cluster, rule)"),
+            Param("filter", "text", "only bans whose target or reason contains this (any case)"),
+        ),
     ),
     CommandSpec(
         "allow.add",
-        "stockade allow add TARGET [--reason TEXT] [--json]",
+        "stockade allow add TARGET [--reason TEXT] [--force] [--json]",
         "Always pass TARGET, even if it is banned.",
-        (TARGET, Param("reason", "text", "why (at most 200 characters)")),
+        (TARGET, Param("reason", "text", "why (at most 200 characters)"), FORCE_PREFIX),
     ),
     CommandSpec(
         "allow.remove",
@@ -129,6 +191,25 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "Attached interfaces, XDP mode, program id, ban and allow counts.",
     ),
     CommandSpec(
+        "detach",
+        "stockade detach IFACE... | --all [--force] [--json]",
+        "Remove stockade's XDP program from interfaces (logged); they stay detached, also "
+        "across restarts, until `stockade attach`. A program that is not stockade's is "
+        "refused unless force.",
+        (
+            Param("interfaces", ARRAY, "interface names (strings)"),
+            Param("all", BOOLEAN, "every interface in xdp.interfaces"),
+            Param("force", BOOLEAN, "also remove an XDP program that is not stockade's"),
+        ),
+    ),
+    CommandSpec(
+        "attach",
+        "stockade attach IFACE... [--json]",
+        "Attach stockade's XDP program to interfaces of xdp.interfaces again after "
+        "`stockade detach`.",
+        (Param("interfaces", ARRAY, "interface names (strings) from xdp.interfaces", True),),
+    ),
+    CommandSpec(
         "reload",
         "stockade reload [--json]",
         "Re-read the config file: the controller applies what can change while running "
@@ -143,19 +224,34 @@ RULES_SOCKET_COMMANDS = frozenset(spec.name for spec in COMMANDS if spec.rules_s
 
 
 class CommandError(Exception):
-    """A command failed; `kind` decides the exit code, `hint` says what to do."""
+    """A command failed; `kind` decides the exit code, `hint` says what to do.
 
-    def __init__(self, kind: str, message: str, hint: str | None = None) -> None:
+    `refused`: for a batch, the entries refused and why ({"entry": n, "target":
+    ..., "error": ...}); the wire carries at most MAX_REFUSED_SHOWN of them and
+    `refused_total`, how many there were.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        hint: str | None = None,
+        refused: list[dict[str, Any]] | None = None,
+        refused_total: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.hint = hint
+        self.refused = refused or []
+        self.refused_total = len(self.refused) if refused_total is None else refused_total
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "ok": False,
-            "error": {"kind": self.kind, "message": self.message, "hint": self.hint},
-        }
+        error: dict[str, Any] = {"kind": self.kind, "message": self.message, "hint": self.hint}
+        if self.refused:
+            error["refused"] = self.refused[:MAX_REFUSED_SHOWN]
+            error["refused_total"] = self.refused_total
+        return {"ok": False, "error": error}
 
     def to_wire_bytes(self) -> bytes:
         return encode(self.to_wire())
@@ -163,7 +259,15 @@ class CommandError(Exception):
     @classmethod
     def from_wire(cls, error: dict[str, Any]) -> CommandError:
         kind = error.get("kind") if error.get("kind") in EXIT_CODES else RUNTIME
-        return cls(str(kind), str(error.get("message", "unknown error")), error.get("hint"))
+        refused = error.get("refused")
+        total = error.get("refused_total")
+        return cls(
+            str(kind),
+            str(error.get("message", "unknown error")),
+            error.get("hint"),
+            [r for r in refused if isinstance(r, dict)] if isinstance(refused, list) else None,
+            total if isinstance(total, int) and not isinstance(total, bool) else None,
+        )
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -216,6 +320,12 @@ def _check_kind(spec: CommandSpec, param: Param, value: Any) -> None:
     elif param.kind == OBJECT:
         if not isinstance(value, dict):
             raise CommandError(BAD_INPUT, f"{where} must be a JSON object")
+    elif param.kind == BOOLEAN:
+        if not isinstance(value, bool):
+            raise CommandError(BAD_INPUT, f"{where} must be true or false")
+    elif param.kind == ARRAY:
+        if not isinstance(value, list):
+            raise CommandError(BAD_INPUT, f"{where} must be a JSON array")
     elif not isinstance(value, str):
         raise CommandError(BAD_INPUT, f"{where} must be a string")
 
@@ -255,11 +365,28 @@ def render_markdown() -> str:
         'error:   {"ok": false, "error": {"kind": "bad_input", "message": "...", "hint": "..."}}',
         "```",
         "",
-        "Every argument is a JSON string, except those of kind `number` (a finite JSON number)",
-        "and `object` (a JSON object); `args` may be omitted when a command takes none.",
+        "Every argument is a JSON string, except those of kind `number` (a finite JSON number),",
+        "`object` (a JSON object), `boolean` (true or false) and `array` (a JSON array);",
+        "`args` may be omitted when a command takes none.",
         "An unknown command, an unknown or missing argument, or a value of the wrong JSON type",
         "is refused with `bad_input` and changes nothing. The results are described in",
         "[cli-json.md](cli-json.md): the CLI's `--json` prints them as they arrive.",
+        "",
+        "## Batches",
+        "",
+        "`ban.batch` and `unban.batch` carry many targets. A batch is sent as chunks, each",
+        f"one request line under {MAX_LINE} bytes, on one connection: every chunk but the",
+        "last has `commit: false` and is checked and staged (the reply counts what is",
+        "staged); the last has `commit: true`. Then the whole batch is checked against the",
+        "store (allowlist, minimum prefix) and applied in one store transaction and batched",
+        "map updates (`BPF_MAP_UPDATE_BATCH`; a map that would overflow undoes them: `runtime`),",
+        "or, if any entry is refused, not at all: the error reply lists the refused entries",
+        "(`refused`: entry number from 1 across",
+        f"the batch, target, error; at most {MAX_REFUSED_SHOWN}; `refused_total`: how many) and",
+        "nothing is changed. A chunk that is refused fails the rest of its batch, up to and",
+        "including the one with `commit`, so a client may send every chunk before reading the",
+        "replies. A connection stages one batch at a time, of at most",
+        f"{MAX_BATCH} entries (all connections together too); closing it drops what it staged.",
         "",
         "## Error kinds",
         "",

@@ -31,6 +31,7 @@ BAN_KEYS = {
     "ttl_remaining": (float, int, type(None)),
     "packets": int,
     "bytes": int,
+    "in_kernel": bool,
 }
 ALLOW_KEYS = {"target": str, "reason": str, "source": str, "packets": int, "bytes": int}
 
@@ -109,6 +110,7 @@ def test_plain_output(ctl: Controller) -> None:
     assert table.stdout.splitlines()[0].split() == [
         "TARGET",
         "EXPIRES",
+        "KERNEL",
         "PACKETS",
         "BYTES",
         "SOURCE",
@@ -147,7 +149,15 @@ def test_v6_and_prefix_bans(ctl: Controller) -> None:
     assert len(ctl.dump_map("ban_prefix_v6")) == 1
     assert len(ctl.dump_map("ban_v6")) == 1
     status = ctl.ok_json("status")
-    assert status["bans"] == {"total": 3, "exact": 1, "prefix": 2, "ipv4": 1, "ipv6": 2}
+    assert status["bans"] == {
+        "total": 3,
+        "exact": 1,
+        "prefix": 2,
+        "ipv4": 1,
+        "ipv6": 2,
+        "not_in_kernel": 0,
+    }
+    assert status["maps"]["ban_prefix_v6"] == {"entries": 1, "max_entries": 256}
 
 
 def test_allow_add_list_remove(ctl: Controller) -> None:
@@ -209,6 +219,7 @@ def test_status_json(ctl: Controller) -> None:
         "interfaces",
         "metrics",
         "bans",
+        "maps",
         "allows",
         "syn_rate",
         "cluster",
@@ -224,10 +235,27 @@ def test_status_json(ctl: Controller) -> None:
     assert isinstance(status["program"]["id"], int) and status["program"]["id"] > 0
     assert status["program"]["pin_dir"] == str(ctl.pin_dir)
     assert status["program"]["layout_version"] == layout.layout_version()
-    assert status["bans"] == {"total": 0, "exact": 0, "prefix": 0, "ipv4": 0, "ipv6": 0}
+    assert status["bans"] == {
+        "total": 0,
+        "exact": 0,
+        "prefix": 0,
+        "ipv4": 0,
+        "ipv6": 0,
+        "not_in_kernel": 0,
+    }
+    assert set(status["maps"]) == {
+        "ban_v4",
+        "ban_v6",
+        "ban_prefix_v4",
+        "ban_prefix_v6",
+        "allow_v4",
+        "allow_v6",
+    }
+    assert status["maps"]["allow_v4"] == {"entries": 1, "max_entries": 256}
+    assert status["maps"]["ban_v4"] == {"entries": 0, "max_entries": 1024}
     assert status["allows"] == 1  # the management network
     assert set(status["syn_rate"]) == {"rate", "burst", "ipv6_prefix", "events", "recent"}
-    interface_fields = {"name", "mode", "prog_id", "ours"}
+    interface_fields = {"name", "mode", "prog_id", "ours", "detached"}
     assert documented_fields("status") == (
         flat_keys(status, ("program", "bans", "syn_rate", "cluster", "proxy")) | interface_fields
     )
@@ -258,7 +286,7 @@ BAD_INPUT = [
     (["ban", "198.18.200.0/24"], "a management network in the config"),
     (["ban", "198.18.9.7"], "inside 198.18.9.0/24, in the allowlist"),
     (["ban", "198.18.0.8", "--bogus"], "no such option '--bogus'"),
-    (["ban"], "missing argument 'target'"),
+    (["ban"], "give a TARGET or --file FILE"),
     (["ban", "198.18.0.8", "198.18.0.9"], "unexpected extra argument"),
     (["unban", "198.18.0.7/24"], "did you mean 198.18.0.0/24?"),
     (["allow", "add", "198.18.10.1/24"], "did you mean 198.18.10.0/24?"),

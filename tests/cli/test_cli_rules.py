@@ -45,6 +45,7 @@ BAN_FIELDS = {
     "ttl_remaining",
     "packets",
     "bytes",
+    "in_kernel",
 }
 
 
@@ -153,7 +154,7 @@ RULE_BAN_BAD_INPUT = [
     (["--ttl", "soon", "--rule", "scanner"], "ttl: invalid duration 'soon'"),
     (["--ttl", "10m", "--rule", "has space"], "invalid rule name 'has space'"),
     (["--ttl", "10m", "--rule", "r", "--factor", "0.5"], "factor must be a finite number"),
-    (["--ttl", "10m", "--rule", "r", "--factor", "x"], "'x' is not a valid float"),
+    (["--ttl", "10m", "--rule", "r", "--factor", "x"], "'x' is not a number"),
     (["--ttl", "10m", "--rule", "r", "--max-ttl", "5m"], "max_ttl (5m) is shorter than ttl"),
     (["--ttl", "10m", "--rule", "r", "--memory", "later"], "memory: invalid duration"),
     (["--ttl", "10m", "--rule", "r", "--details", "{oops"], "--details is not valid JSON"),

@@ -76,6 +76,7 @@ def test_permanent_ban_goes_to_store_and_maps(world: World) -> None:
         "ttl_remaining": None,
         "packets": 0,
         "bytes": 0,
+        "in_kernel": True,
         "status": "added",
     }
     assert world.store.bans() == [Ban(net("198.18.0.7"), "scanner", "cli", now, None)]

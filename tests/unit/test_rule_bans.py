@@ -113,6 +113,7 @@ def test_the_result_is_the_ban_with_its_escalation(world: World) -> None:
         "offence": 1,
         "rule": "scanner",
         "details": {"distinct_404_paths": 31, "window": "1m"},
+        "in_kernel": True,
     }
     stored = world.store.get_ban(net("198.18.0.7"))
     assert stored == Ban(
@@ -332,6 +333,7 @@ def test_explain_shows_covering_bans_with_rule_and_details(world: World) -> None
             "expires": t0 + 10 * MINUTE,
             "ttl_remaining": 9 * MINUTE,
             "details": {"distinct_404_paths": 31},
+            "in_kernel": True,
         },
         {
             "target": "198.18.0.0/16",
@@ -343,6 +345,7 @@ def test_explain_shows_covering_bans_with_rule_and_details(world: World) -> None
             "expires": t0 + 5 * MINUTE,
             "ttl_remaining": 4 * MINUTE,
             "details": None,
+            "in_kernel": True,
         },
     ]
     assert result["history"] == [
