@@ -468,10 +468,15 @@ def check_config(ctx: Context, file: Path | None) -> None:
     except ConfigError as exc:
         fail(str(exc), None, 2)
     # deferred: the proxy's modules (aiohttp, ModSecurity, openapi-core) are slow to import
+    from stockade.proxy.preflight import check_as_worker
     from stockade.proxy.workers import ProxyStartupError, validate
 
     try:  # what the proxy's master checks before it starts or reloads
-        validate(config.proxy)
+        if config.proxy.user is not None and os.geteuid() == 0:
+            # as the workers' user, as the master does: a file only root can open fails here
+            check_as_worker(config.proxy, validate, lambda: False)
+        else:
+            validate(config.proxy)
     except ProxyStartupError as exc:
         fail(str(exc), "fix what it names", 2)
     if asked or path.exists():

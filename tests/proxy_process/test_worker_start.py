@@ -140,6 +140,28 @@ def test_a_file_the_workers_cannot_open_stops_the_start(base: Path, setup: Setup
     assert fix in errors[0]
 
 
+@pytest.mark.parametrize(("setup", "fix"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_check_config_checks_as_the_workers_user(base: Path, setup: Setup, fix: str) -> None:
+    """`stockade check-config` run as root finds what `proxy run` would stop on."""
+    lines, named = setup(base)
+    config = base / "stockade.toml"
+    extra = 'user = "nobody"\n' + (lines if not lines.startswith("[") else "")
+    text = proxy_config(base, free_port(), extra)
+    if lines.startswith("["):
+        text = text.replace("[proxy.admin]", f"{lines}\n[proxy.admin]", 1)
+    config.write_text(text)
+    result = subprocess.run(
+        [*STOCKADE, "--config", str(config), "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert str(named) in result.stderr and "user nobody" in result.stderr, result.stderr
+    assert fix in result.stderr
+
+
 def test_a_user_that_does_not_exist_stops_the_start(base: Path) -> None:
     config = base / "stockade.toml"
     quotas = '[proxy.quotas]\ndatabase = "{}/usage.db"\n[proxy.quotas.plans.free]\nper_day = 10\n'
