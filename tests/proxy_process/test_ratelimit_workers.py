@@ -79,6 +79,7 @@ plan = "free"
         ("api_key", "60/day", f"X-API-Key: {KEY}\r\n", "/x"),
         ("consumer", "60/min", f"X-API-Key: {KEY}\r\n", "/x"),
     ],
+    ids=["ip", "header", "query", "api_key", "consumer"],  # KEY is random: not in an id
 )
 def test_a_limit_holds_across_workers(
     tmp_path: Path, upstream: int, key: str, rate: str, headers: str, path: str

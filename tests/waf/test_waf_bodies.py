@@ -124,6 +124,8 @@ def test_a_decompression_bomb_is_refused(gateway: ThreadedGateway) -> None:
             "unsupported_encoding",
         ),
     ],
+    # gzip stamps the time into its bytes: ids that do not change between collections
+    ids=["not-gzip", "truncated-gzip", "zstd", "gzip-three-times"],
 )
 def test_bodies_that_cannot_be_decoded_are_refused(
     gateway: ThreadedGateway, body: bytes, encoding: str, status: int, reason: str
