@@ -3,7 +3,10 @@
 
 VENV := .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# Two workers, a test file per worker at a time: most of the suite waits on sockets,
+# processes and kernels, not on the CPU.
+# Tests marked serial then run in one process. PYTEST_ARGS= runs everything in one.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: bootstrap demo test lint typecheck check bench clean install uninstall
 
@@ -17,8 +20,10 @@ test: bootstrap
 	$(VENV)/bin/ruff check .
 	./scripts/typecheck
 	@# pytest exits 5 when it collected nothing: that is a failure too.
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo 'make test: pytest collected no tests' >&2; exit 1; fi; exit $$rc
+	$(PY) -m pytest $(PYTEST_ARGS) $(if $(PYTEST_ARGS),-m "not serial"); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo 'make test: pytest collected no tests' >&2; exit 1; fi; \
+	[ $$rc -eq 0 ] || exit $$rc; \
+	if [ -n "$(PYTEST_ARGS)" ]; then $(PY) -m pytest -m serial; fi
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
