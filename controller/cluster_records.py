@@ -139,7 +139,7 @@ def _check(change: Change) -> Change:
 
 
 def change_from_entry(fields: dict[str, Any]) -> Change:
-    """A stream entry's fields."""
+    """A change from its short field names: a stream entry's, or a record's envelope."""
     signature = fields.get("sig")
     return _check(
         Change(
@@ -170,18 +170,7 @@ def change_from_value(text: str) -> Change:
     data = outer["envelope"]
     if not isinstance(data, dict) or data.get("v") != ENVELOPE_VERSION:
         raise MalformedChange("the envelope is not a version 1 object")
-    signature = data.get("sig")
-    return _check(
-        Change(
-            node=_text(data, "n"),
-            action=_text(data, "a"),
-            target=_text(data, "t"),
-            at=_text(data, "at"),
-            nonce=_text(data, "nc", required=False),
-            record=_text(data, "r", required=False),
-            signature=None if signature is None else _text(data, "sig"),
-        )
-    )
+    return change_from_entry(data)
 
 
 @dataclass(frozen=True)
